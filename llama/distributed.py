@@ -1,0 +1,88 @@
+"""Process group, model-parallel group and device for this process.
+
+torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python` run is a world of one. CUDA gets nccl,
+everything else gloo, so the same fairscale layers run on a laptop CPU and on a GPU cluster.
+"""
+
+import contextlib
+import io
+import logging
+import os
+from typing import Iterator, Optional, Union
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel.initialize import initialize_model_parallel, model_parallel_is_initialized
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def requested_world_size(model_parallel_size: Optional[int]) -> int:
+    """Model-parallel size asked for, else the torchrun world size (1 without torchrun)."""
+    if model_parallel_size is not None:
+        return model_parallel_size
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def select_device(device: Union[str, torch.device, None] = None) -> torch.device:
+    """The given device, else this process's GPU (LOCAL_RANK) when CUDA is present, else the CPU."""
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} was asked for, but CUDA is not available here; pass device='cpu'")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device={str(device)!r} was asked for, but MPS is not available here; pass device='cpu'")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def select_dtype(device: torch.device, dtype: Union[str, torch.dtype, None] = None) -> torch.dtype:
+    """The given dtype, else bf16 on GPUs that support it (fp16 on older ones) and fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def init_model_parallel(model_parallel_size: int, device: torch.device) -> None:
+    """Join the torchrun process group (or make a world of one) and fairscale's model-parallel group."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not model_parallel_is_initialized():
+        # fairscale prints its set-up on stdout; keep it in the log instead.
+        with contextlib.redirect_stdout(io.StringIO()) as fairscale_says:
+            initialize_model_parallel(model_parallel_size)
+        logger.debug(fairscale_says.getvalue().strip())
+
+
+@contextlib.contextmanager
+def default_device_and_dtype(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Build modules whose own buffers (KV cache, norms) land on `device` in `dtype`."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            yield
+    finally:
+        torch.set_default_dtype(previous)
