@@ -1,0 +1,225 @@
+"""Dialog -> prompt tokens, for Llama 3 (`ChatFormat`) and Llama 2 chat (`Llama2ChatFormat`).
+
+`chat_format_for(tokenizer)` is the one place that maps a tokenizer family to its format; both
+formats offer `encode_dialog_prompt(dialog)` and `has_special_tags(dialog)`, so generation code
+needs no family checks.
+"""
+
+from typing import Any, Callable, Dict, List, Literal, Mapping, Sequence, TypedDict, Union
+
+from llama.tokenizer import Tokenizer
+
+Role = Literal["system", "user", "assistant", "ipython"]
+
+
+class Message(TypedDict):
+    role: Role
+    content: str
+
+
+Dialog = Sequence[Message]
+
+# Llama 2 chat markup (Meta's names).
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
+UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
+
+LLAMA2_ROLES = ("system", "user", "assistant")
+LLAMA3_ROLES = ("system", "user", "assistant", "ipython")  # ipython: Llama 3.1 tool output
+LLAMA2_ORDER_RULE = (
+    "model only supports 'system', 'user' and 'assistant' roles, "
+    "starting with 'system', then 'user' and alternating (u/a/u/a/u...)"
+)
+
+
+class ChatFormat:
+    """Llama 3 chat template: each message is
+    `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`."""
+
+    _REQUIRED_TOKENS = (
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    )
+
+    def __init__(self, tokenizer: Tokenizer):
+        missing = [name for name in self._REQUIRED_TOKENS if name not in tokenizer.special_tokens]
+        if missing:
+            raise ValueError(
+                f"ChatFormat needs a Llama 3 tokenizer with {', '.join(missing)}; got a "
+                f"{tokenizer.family} tokenizer: use chat_format_for(tokenizer)"
+            )
+        self.tokenizer = tokenizer
+
+    def encode_header(self, message: Message) -> List[int]:
+        """Tokens that open `message`: its role between header tokens, then a blank line."""
+        _check_message(message, "message", LLAMA3_ROLES, need_content=False)
+        special = self.tokenizer.special_tokens
+        return (
+            [special["<|start_header_id|>"]]
+            + self.tokenizer.encode(message["role"], bos=False, eos=False)
+            + [special["<|end_header_id|>"]]
+            + self.tokenizer.encode("\n\n", bos=False, eos=False)
+        )
+
+    def encode_message(self, message: Message) -> List[int]:
+        """Header, stripped content, then <|eot_id|>."""
+        _check_message(message, "message", LLAMA3_ROLES)
+        return (
+            self.encode_header(message)
+            + self.tokenizer.encode(message["content"].strip(), bos=False, eos=False)
+            + [self.tokenizer.special_tokens["<|eot_id|>"]]
+        )
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
+        """<|begin_of_text|>, every message, then an open assistant header for the model to
+        complete. Like Meta, any order of roles is accepted.
+
+        Raises:
+            ValueError: empty dialog, malformed message or unknown role.
+        """
+        _check_dialog(dialog, LLAMA3_ROLES)
+        tokens = [self.tokenizer.special_tokens["<|begin_of_text|>"]]
+        for message in dialog:
+            tokens.extend(self.encode_message(message))
+        tokens.extend(self.encode_header({"role": "assistant", "content": ""}))
+        return tokens
+
+    def has_special_tags(self, dialog: Dialog) -> bool:
+        """Always False: Llama 3 control tokens typed as text encode as plain text, so there is
+        nothing to refuse (Meta's Llama 3 has no such check)."""
+        return False
+
+
+class Llama2ChatFormat:
+    """Llama 2 chat template, as Meta's Llama.chat_completion tokenizes it:
+    `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>`
+    `<s>[INST] {user} [/INST]`."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
+        """Tokens of the dialog, ending in an open [INST] for the model to answer.
+
+        Raises:
+            ValueError: empty dialog, malformed message, unknown role, roles not
+                [system], user, assistant, user, ... or a last message not from the user.
+        """
+        _check_dialog(dialog, LLAMA2_ROLES)
+        turns = _merge_system_prompt(dialog)
+        tokens: List[int] = []
+        for prompt, answer in zip(turns[::2], turns[1::2]):
+            tokens += self.tokenizer.encode(
+                f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ",
+                bos=True,
+                eos=True,
+            )
+        tokens += self.tokenizer.encode(
+            f"{B_INST} {turns[-1]['content'].strip()} {E_INST}", bos=True, eos=False
+        )
+        return tokens
+
+    def has_special_tags(self, dialog: Dialog) -> bool:
+        """True when a message contains Llama 2 chat markup; Meta then answers UNSAFE_ERROR
+        instead of generating, since the markup could forge turns.
+
+        Raises:
+            ValueError: empty dialog, malformed message or unknown role.
+        """
+        _check_dialog(dialog, LLAMA2_ROLES)
+        return any(tag in message["content"] for message in dialog for tag in SPECIAL_TAGS)
+
+
+def _merge_system_prompt(dialog: Dialog) -> List[Dict[str, str]]:
+    """Folds a leading system message into the first user message and checks Llama 2's turn
+    order; returns the user/assistant turns."""
+    turns: List[Dict[str, str]] = [dict(message) for message in dialog]
+    offset = 0  # so errors name indices of the caller's dialog, not of the merged one
+    if turns[0]["role"] == "system":
+        if len(turns) == 1:
+            raise ValueError(
+                f"message 0 has role 'system' but no user message follows it: {LLAMA2_ORDER_RULE}"
+            )
+        system, first = turns[0], turns[1]
+        turns = [
+            {"role": first["role"], "content": B_SYS + system["content"] + E_SYS + first["content"]}
+        ] + turns[2:]
+        offset = 1
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise ValueError(
+                f"message {i + offset} has role {message['role']!r} where {expected!r} was "
+                f"expected: {LLAMA2_ORDER_RULE}"
+            )
+    if turns[-1]["role"] != "user":
+        raise ValueError(
+            f"message {len(turns) - 1 + offset}: Last message must be from user, "
+            f"got {turns[-1]['role']}"
+        )
+    return turns
+
+
+def _check_dialog(dialog: Dialog, roles: Sequence[str]) -> None:
+    if isinstance(dialog, (str, Mapping)) or not isinstance(dialog, Sequence):
+        raise ValueError(f"a dialog is a list of messages, got {type(dialog).__name__}")
+    if not dialog:
+        raise ValueError("dialog is empty: it needs at least one user message")
+    for i, message in enumerate(dialog):
+        _check_message(message, f"message {i}", roles)
+
+
+def _check_message(
+    message: Any, where: str, roles: Sequence[str], need_content: bool = True
+) -> None:
+    """Raises ValueError naming the message (`where`: "message 3"), what was seen and the rule."""
+    if not isinstance(message, Mapping):
+        raise ValueError(
+            f"{where} is a {type(message).__name__}, not a dict with 'role' and 'content'"
+        )
+    if "role" not in message:
+        raise ValueError(f"{where} has no 'role': every message needs 'role' and 'content'")
+    role = message["role"]
+    if role not in roles:
+        raise ValueError(
+            f"{where} has unknown role {role!r}: roles are {', '.join(map(repr, roles))}"
+        )
+    if not need_content:
+        return
+    if "content" not in message:
+        raise ValueError(
+            f"{where} (role {role!r}) has no 'content': every message needs 'role' and 'content'"
+        )
+    content = message["content"]
+    if not isinstance(content, str):
+        raise ValueError(
+            f"{where} (role {role!r}) has content of type {type(content).__name__}; "
+            f"content must be a str"
+        )
+
+
+DialogFormat = Union[ChatFormat, Llama2ChatFormat]
+
+_FORMATS: Dict[str, Callable[[Tokenizer], DialogFormat]] = {
+    "llama2": Llama2ChatFormat,
+    "llama3": ChatFormat,
+}
+
+
+def chat_format_for(tokenizer: Tokenizer) -> DialogFormat:
+    """The chat format that goes with `tokenizer`'s family.
+
+    Raises:
+        ValueError: the tokenizer's family has no chat format.
+    """
+    try:
+        make = _FORMATS[tokenizer.family]
+    except (KeyError, AttributeError):
+        family = getattr(tokenizer, "family", None)
+        raise ValueError(
+            f"no chat format for tokenizer family {family!r}; known families: {', '.join(_FORMATS)}"
+        ) from None
+    return make(tokenizer)
