@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -218,6 +217,9 @@ def sentencepiece_model_from_gguf(gguf_path: Path) -> bytes:
         field("tokenizer.ggml.scores"),
         field("tokenizer.ggml.token_type"),
     )
+
+    if not len(pieces) == len(scores) == len(types):
+        raise AssetError(f"{gguf_path} has {len(pieces)} tokens, {len(scores)} scores, {len(types)} types")
 
     model = sp_pb2.ModelProto()
     trainer = model.trainer_spec

@@ -16,7 +16,8 @@ def _asset(fetch: Callable[[], T]) -> T:
     try:
         return fetch()
     except assets.AssetError as e:
-        pytest.fail(f"test asset unavailable: {e}", pytrace=False)
+        reason = str(e)
+    pytest.fail(f"test asset unavailable: {reason}", pytrace=False)
 
 
 @pytest.fixture(scope="session")
