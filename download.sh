@@ -69,7 +69,10 @@ warn() { printf '%s\n' "$*" >&2; }
 die() {
     printf 'Error: %s\n' "$1" >&2
     shift
-    for line in "$@"; do printf '       %s\n' "$line" >&2; done
+    while [ $# -gt 0 ]; do # not "$@": bash 3.2 calls it unbound under set -u when empty
+        printf '       %s\n' "$1" >&2
+        shift
+    done
     exit 1
 }
 
@@ -357,7 +360,7 @@ fetch() {
 
 # The names in a checklist, after checking that every line is md5sum output for a plain file name.
 checklist_names() {
-    local chk=$1 line
+    local chk=$1
     if looks_like_html "$chk"; then
         rm -f "$chk"
         html_instead_of "${chk#"$TARGET"/} (an md5 checklist)"
@@ -495,4 +498,4 @@ main() {
     print_summary
 }
 
-main "$@"
+main

@@ -58,6 +58,7 @@ def make_tools(folder: Path, fetcher: Optional[str] = None, md5: str = "md5sum",
             f"#!{shutil.which('python3') or 'python3'}\n"
             "import hashlib, sys\n"
             "assert sys.argv[1] == '-q', sys.argv  # macOS: md5 -q FILE prints the bare digest\n"
+            f"open({str(folder / 'md5.calls')!r}, 'a').write(sys.argv[2] + '\\n')\n"
             "print(hashlib.md5(open(sys.argv[2], 'rb').read()).hexdigest())\n",
         )
     write_script(
@@ -229,6 +230,14 @@ def test_environment_answers_only_the_questions_it_sets(tmp_path, llama3):
     assert_loads_as_checkpoint(target / "Meta-Llama-3-8B", 1)
 
 
+def test_unanswered_question_on_closed_stdin_names_the_variable_to_set(tmp_path, llama2):
+    result = run_download(tmp_path, llama2.url, {"PRESIGNED_URL": llama2.url}, stdin="")
+
+    assert result.returncode != 0
+    assert "set LLAMA_VERSION" in result.stderr
+    assert llama2.requests == []
+
+
 def test_summary_names_the_target_folder_in_the_torchrun_command(tmp_path, llama2):
     result = run_download(tmp_path, llama2.url, env_for(llama2.url, 2, "13B", Path("ckpts")))
 
@@ -247,6 +256,8 @@ def test_md5_is_used_when_md5sum_is_missing(tmp_path, llama2):
 
     assert result.returncode == 0, result.stderr
     assert "consolidated.00.pth: OK" in result.stdout
+    called = (tools / "md5.calls").read_text().splitlines()
+    assert sorted(Path(p).name for p in called) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
     assert_loads_as_checkpoint(target / "llama-2-7b", 1)
 
 
