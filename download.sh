@@ -81,10 +81,11 @@ lower() { printf '%s' "$1" | LC_ALL=C tr '[:upper:]' '[:lower:]'; }
 # --- tools -----------------------------------------------------------------------------------
 
 find_tools() {
+    # WRITE_ERROR: the tool's exit status for "could not write the file", which retrying won't fix.
     if command -v wget >/dev/null 2>&1; then
-        FETCHER=wget
+        FETCHER=wget WRITE_ERROR=3
     elif command -v curl >/dev/null 2>&1; then
-        FETCHER=curl
+        FETCHER=curl WRITE_ERROR=23
     else
         die "neither wget nor curl is installed; one of them is needed to download." \
             "On macOS curl comes with the system; on Debian/Ubuntu: sudo apt-get install wget"
@@ -304,7 +305,7 @@ run_fetcher() {
 # fetch REMOTE_PATH LOCAL_FILE: download one file, resuming weight shards, retrying lost
 # connections. Stops the script on answers that retrying cannot fix.
 fetch() {
-    local remote=$1 dest=$2 label=${2#"$TARGET"/} resume=0 file attempt=1
+    local remote=$1 dest=$2 label=${2#"$TARGET"/} resume=0 file attempt=1 status
     local tries=${DOWNLOAD_TRIES:-5}
     case $tries in '' | *[!0-9]* | 0) tries=5 ;; esac
     case $dest in *.pth) resume=1 ;; esac
@@ -316,12 +317,18 @@ fetch() {
         file="$dest.part"
         rm -f "$file"
     fi
+    [ -d "$file" ] && die "cannot write ${file#"$TARGET"/}: a folder of that name is in the way." \
+        "Move it away, then run the script again."
     say "Downloading $label"
     while :; do
-        if run_fetcher "$URL_HEAD$remote$URL_TAIL" "$file" "$resume"; then
-            break
-        fi
+        status=0
+        run_fetcher "$URL_HEAD$remote$URL_TAIL" "$file" "$resume" || status=$?
+        [ "$status" = 0 ] && break
         [ -s "$file" ] || rm -f "$file" # wget leaves an empty file behind on errors
+        if [ "$status" = "$WRITE_ERROR" ]; then
+            die "cannot write $label (is the disk full?)." \
+                "Free some space or choose another TARGET_FOLDER, then run the script again."
+        fi
         case $HTTP_STATUS in
             403) link_refused "$label" ;;
             416) # asked to resume past the end: the file was complete already

@@ -430,6 +430,18 @@ def test_target_folder_that_cannot_be_written_is_refused(tmp_path, llama2):
     assert llama2.requests == []
 
 
+@pytest.mark.parametrize("fetcher", FETCHERS)
+def test_folder_in_the_way_of_a_shard_is_reported_before_downloading(tmp_path, llama2, fetcher):
+    tools = make_tools(tmp_path / "bin", fetcher=fetcher)
+    target = tmp_path / "weights"
+    (target / "llama-2-7b" / "consolidated.00.pth").mkdir(parents=True)  # in the shard's way
+    result = run_download(tmp_path, llama2.url, env_for(llama2.url, 2, "7B", target), tools=tools)
+
+    assert result.returncode != 0
+    assert "cannot write llama-2-7b/consolidated.00.pth" in result.stderr
+    assert "Retrying" not in result.stdout
+
+
 def test_too_little_free_disk_for_the_models_is_refused(tmp_path, llama2):
     tools = make_tools(tmp_path / "bin", free_kb=20_000_000)  # 20 GB: enough for 7B, not 13B too
     env = env_for(llama2.url, 2, "7B,13B", tmp_path / "weights")
