@@ -46,6 +46,9 @@ def shard_dim(key: str, vocab_parallel_embedding: bool) -> Optional[int]:
     return _SHARD_DIMS.get(suffix)
 
 
+_REDOWNLOAD = "The file is damaged or incomplete; check it (md5sum -c checklist.chk) and download it again."
+
+
 class CheckpointError(ValueError):
     """A checkpoint folder or shard that cannot be used, with what to do about it."""
 
@@ -87,24 +90,20 @@ def check_shard_count(shards: List[Path], model_parallel_size: int) -> None:
 
 def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     """Memory-map one shard's tensors; a damaged or unsafe file raises CheckpointError naming it."""
+    # torch.save has written zip archives since torch 1.6, Meta's shards included: anything else is damaged.
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"cannot read checkpoint shard {path}: it is not a torch.save archive. {_REDOWNLOAD}")
     try:
-        try:
-            state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            # Files from torch < 1.6 (not a zip archive) cannot be memory-mapped.
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
+        found = [line.strip().rstrip(".") for line in str(e).splitlines() if "nsupported" in line]
+        reason = f": {found[0]}" if found else ""
         raise CheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors, which could run code ({e}). "
+            f"refusing to load {path}: it holds objects other than tensors, which could run code{reason}. "
             "Use the files from Meta's download."
         ) from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(
-            f"cannot read checkpoint shard {path}: {e}. The file is damaged or incomplete; "
-            "check it against checklist.chk (md5sum -c checklist.chk) and download it again."
-        ) from e
+        raise CheckpointError(f"cannot read checkpoint shard {path}: {e}. {_REDOWNLOAD}") from e
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path} is not a state_dict of tensors; is it a Meta consolidated.NN.pth shard?")
     return state_dict
@@ -116,6 +115,11 @@ def load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: Path,
     Parameters are swapped (assign=True), not copied into, so the weights exist once in memory.
     """
     expected = model.state_dict()
+    if "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict:
+        embedding = state_dict["tok_embeddings.weight"]
+        if embedding.shape == expected["output.weight"].shape:
+            # Llama 3.2 1B/3B tie the output projection to the embedding (same vocabulary split).
+            state_dict = {**state_dict, "output.weight": embedding}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected and k not in IGNORED_KEYS]
     if missing:
