@@ -4,8 +4,13 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import pytest
+import torch
 
 import assets
+from checkpoints import TINY_PARAMS, random_state_dict, write_checkpoint
+from llama import Llama
+from llama.args import ModelArgs
+from llama.distributed import init_model_parallel
 from llama.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -48,3 +53,41 @@ def llama2_tokenizer(llama2_tokenizer_path: Path) -> Tokenizer:
 @pytest.fixture(scope="session")
 def llama3_tokenizer(llama3_tokenizer_path: Path) -> Tokenizer:
     return Tokenizer(str(llama3_tokenizer_path))
+
+
+# --- tiny checkpoints in Meta's format, and generators built from them ---
+
+
+@pytest.fixture(scope="session")
+def model_parallel() -> None:
+    """A model-parallel world of one process, for tests that build a Transformer directly."""
+    init_model_parallel(1, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def llama3_ckpt(tmp_path_factory, llama3_tokenizer_path) -> Path:
+    """A 1-shard Llama 3 folder: params.json with vocab_size and rope_theta, bf16 weights as Meta ships."""
+    params = {**TINY_PARAMS, "vocab_size": 128256, "rope_theta": 500000.0}
+    state_dict = random_state_dict(ModelArgs.from_params(params), seed=3, dtype=torch.bfloat16)
+    return write_checkpoint(tmp_path_factory.mktemp("Meta-Llama-3-tiny"), params, state_dict)
+
+
+@pytest.fixture(scope="session")
+def llama2_ckpt(tmp_path_factory, llama2_tokenizer_path) -> Path:
+    """A 1-shard Llama 2 folder: vocab_size -1 in params.json and the extra rope.freqs tensor."""
+    params = {**TINY_PARAMS, "vocab_size": -1}
+    state_dict = random_state_dict(ModelArgs.from_params(params, vocab_size=32000), seed=2, dtype=torch.bfloat16)
+    rope_freqs = torch.rand(TINY_PARAMS["dim"] // TINY_PARAMS["n_heads"] // 2)
+    return write_checkpoint(
+        tmp_path_factory.mktemp("llama-2-tiny"), params, state_dict, vocab_parallel_embedding=False, extra={"rope.freqs": rope_freqs}
+    )
+
+
+@pytest.fixture(scope="session")
+def llama3(llama3_ckpt, llama3_tokenizer_path) -> Llama:
+    return Llama.build(str(llama3_ckpt), str(llama3_tokenizer_path), max_seq_len=64, max_batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def llama2(llama2_ckpt, llama2_tokenizer_path) -> Llama:
+    return Llama.build(str(llama2_ckpt), str(llama2_tokenizer_path), max_seq_len=64, max_batch_size=4)

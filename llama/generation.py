@@ -1,0 +1,320 @@
+"""The public entry point: Llama.build, generate, text_completion and chat_completion (Meta's API)."""
+
+import logging
+import os
+import sys
+import time
+from typing import List, Optional, Sequence, Tuple, TypedDict, Union
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.initialize import get_model_parallel_rank
+
+from llama.args import ModelArgs
+from llama.chat_format import UNSAFE_ERROR, Dialog, Message, chat_format_for
+from llama.checkpoint import CheckpointError, check_shard_count, checkpoint_paths, load_into, load_shard, read_params
+from llama.distributed import (
+    default_device_and_dtype,
+    init_model_parallel,
+    requested_world_size,
+    select_device,
+    select_dtype,
+)
+from llama.model import Transformer
+from llama.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# What Meta's params.json files leave out, decided by the tokenizer family (the one place for it).
+FAMILY_DEFAULTS = {
+    "llama2": {"rope_theta": 10000.0, "vocab_parallel_embedding": False},
+    "llama3": {"rope_theta": 500000.0, "vocab_parallel_embedding": True},
+}
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class Llama:
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: Optional[int] = None,
+        seed: int = 1,
+        *,
+        device: Union[str, torch.device, None] = None,
+        dtype: Union[str, torch.dtype, None] = None,
+    ) -> "Llama":
+        """Load a Meta checkpoint folder and its tokenizer; one process per consolidated.NN.pth shard.
+
+        device defaults to this process's GPU, else the CPU; dtype to bf16 on GPUs that have it
+        (fp16 otherwise) and float32 on the CPU. All inputs are checked before any weight is read.
+        """
+        if max_seq_len < 1 or max_batch_size < 1:
+            raise ValueError(f"max_seq_len and max_batch_size must be positive, got {max_seq_len} and {max_batch_size}")
+        shards = checkpoint_paths(ckpt_dir)
+        params = read_params(ckpt_dir)
+        tokenizer = Tokenizer(model_path=tokenizer_path)
+        mp_size = requested_world_size(model_parallel_size)
+        check_shard_count(shards, mp_size)
+        model_args = ModelArgs.from_params(
+            {**FAMILY_DEFAULTS[tokenizer.family], **params}, max_seq_len=max_seq_len, max_batch_size=max_batch_size
+        )
+        _check_vocab(model_args, tokenizer, tokenizer_path, ckpt_dir)
+        model_args.vocab_size = tokenizer.n_words
+        _check_divisible(model_args, mp_size, ckpt_dir)
+        device = select_device(device)
+        dtype = select_dtype(device, dtype)
+
+        init_model_parallel(mp_size, device)
+        # The seed must be the same in all processes: they sample the same tokens.
+        torch.manual_seed(seed)
+        if int(os.environ.get("LOCAL_RANK", 0)) > 0:
+            sys.stdout = open(os.devnull, "w")  # as Meta's: only the first process prints
+
+        start_time = time.time()
+        ckpt_path = shards[get_model_parallel_rank()]
+        checkpoint = load_shard(ckpt_path)
+        _check_embedding_shape(checkpoint, model_args, mp_size, ckpt_path, tokenizer_path)
+        with default_device_and_dtype(device, dtype):
+            model = Transformer(model_args)
+        load_into(model, checkpoint, ckpt_path, device, dtype)
+        del checkpoint
+        logger.info("Loaded %s in %.2f seconds (%s, %s)", ckpt_dir, time.time() - start_time, device, dtype)
+        return Llama(model, tokenizer)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.formatter = chat_format_for(tokenizer)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Continue each prompt until a stop token or max_gen_len new tokens (Meta's algorithm).
+
+        All prompts advance together from the shortest one; each step samples one token for every
+        row, so a seed gives the same tokens as Meta's code. Returns the new tokens (with the
+        prompt if echo) and, if logprobs, the log-probability of each returned token.
+        """
+        params = self.model.params
+        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+        bsz = len(prompt_tokens)
+        min_prompt_len = min(len(t) for t in prompt_tokens)
+        max_prompt_len = max(len(t) for t in prompt_tokens)
+        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
+        device = self.model.tok_embeddings.weight.device
+
+        pad_id = self.tokenizer.pad_id
+        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
+        for k, t in enumerate(prompt_tokens):
+            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+        token_logprobs = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
+
+        prev_pos = 0
+        eos_reached = torch.tensor([False] * bsz, device=device)
+        input_text_mask = tokens != pad_id
+        stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), device=device)
+        if min_prompt_len == total_len and logprobs:
+            # Nothing to generate: score the prompts. (Meta's code scores logits[i] against
+            # token i here; we use token i + 1, as everywhere else.)
+            logits = self.model.forward(tokens, prev_pos)
+            token_logprobs[:, 1:] = _token_logprobs(logits[:, :-1], tokens[:, 1:], pad_id)
+
+        for cur_pos in range(min_prompt_len, total_len):
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+            next_token = _next_token(logits[:, -1], temperature, top_p)
+            # A row still inside its prompt keeps the prompt's token.
+            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if logprobs:
+                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = _token_logprobs(logits, tokens[:, prev_pos + 1 : cur_pos + 1], pad_id)
+            eos_reached |= (~input_text_mask[:, cur_pos]) & torch.isin(next_token, stop_tokens)
+            prev_pos = cur_pos
+            if eos_reached.all():
+                break
+
+        return self._trim(tokens.tolist(), token_logprobs.tolist() if logprobs else None, prompt_tokens, max_gen_len, echo)
+
+    def _trim(
+        self,
+        rows: List[List[int]],
+        row_logprobs: Optional[List[List[float]]],
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        echo: bool,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Cut each row to its answer: from the prompt's end (or start, if echo) to max_gen_len, before any stop token."""
+        out_tokens, out_logprobs = [], []
+        for i, toks in enumerate(rows):
+            start = 0 if echo else len(prompt_tokens[i])
+            end = len(prompt_tokens[i]) + max_gen_len
+            toks = toks[start:end]
+            probs = row_logprobs[i][start:end] if row_logprobs is not None else None
+            stops = [j for j, t in enumerate(toks) if t in self.tokenizer.stop_tokens]
+            if stops:
+                toks = toks[: stops[0]]
+                probs = probs[: stops[0]] if probs is not None else None
+            out_tokens.append(toks)
+            out_logprobs.append(probs)
+        return out_tokens, (out_logprobs if row_logprobs is not None else None)
+
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> List[CompletionPrediction]:
+        """Continue each prompt text; see generate for the arguments."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a list of strings, e.g. text_completion(['I believe the meaning of life is'])")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        generation_tokens, generation_logprobs = self.generate(
+            prompt_tokens=prompt_tokens, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo
+        )
+        if logprobs:
+            return [
+                {"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": logprobs_i}
+                for t, logprobs_i in zip(generation_tokens, generation_logprobs)
+            ]
+        return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+    ) -> List[ChatPrediction]:
+        """Answer each dialog as the assistant, in the chat format of the tokenizer's family.
+
+        A Llama 2 dialog containing the format's own tags ([INST], <<SYS>>...) gets Meta's error
+        text as its answer instead of the model's.
+        """
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
+        unsafe_requests = [self.formatter.has_special_tags(dialog) for dialog in dialogs]
+        generation_tokens, generation_logprobs = self.generate(
+            prompt_tokens=prompt_tokens, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs
+        )
+        results: List[ChatPrediction] = []
+        for i, t in enumerate(generation_tokens):
+            content = UNSAFE_ERROR if unsafe_requests[i] else self.tokenizer.decode(t)
+            result: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
+            if logprobs:
+                result["tokens"] = [self.tokenizer.decode([x]) for x in t]
+                result["logprobs"] = generation_logprobs[i]
+            results.append(result)
+        return results
+
+    def _check_generate_args(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float) -> None:
+        params = self.model.params
+        if not prompt_tokens:
+            raise ValueError("no prompts given: pass at least one")
+        if len(prompt_tokens) > params.max_batch_size:
+            raise ValueError(
+                f"got {len(prompt_tokens)} prompts but the model was built with max_batch_size={params.max_batch_size}: "
+                f"pass max_batch_size={len(prompt_tokens)} (or more) to Llama.build / --max_batch_size, "
+                f"or send the prompts in batches of {params.max_batch_size}"
+            )
+        for i, t in enumerate(prompt_tokens):
+            if len(t) == 0:
+                raise ValueError(f"prompt {i} is empty: it needs at least one token (text prompts get BOS)")
+            if len(t) > params.max_seq_len:
+                raise ValueError(
+                    f"prompt {i} is {len(t)} tokens long, more than max_seq_len={params.max_seq_len}: "
+                    f"pass a larger max_seq_len to Llama.build / --max_seq_len, or shorten the prompt"
+                )
+            bad = [x for x in t if not 0 <= x < self.tokenizer.n_words]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {self.tokenizer.n_words}): {bad[:5]}")
+        if max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _next_token(last_logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """(bsz, vocab) logits of the last position -> (bsz,) next tokens: argmax, or a top-p sample."""
+    if temperature > 0:
+        probs = torch.softmax(last_logits / temperature, dim=-1)
+        return sample_top_p(probs, top_p).reshape(-1)
+    return torch.argmax(last_logits, dim=-1).reshape(-1)
+
+
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """log p(target) for each position: logits (bsz, seqlen, vocab), targets (bsz, seqlen); 0 at pads."""
+    return -F.cross_entropy(input=logits.transpose(1, 2), target=targets, reduction="none", ignore_index=pad_id)
+
+
+def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Sample from the smallest set of most likely tokens whose probability adds up to more than p.
+
+    probs (bsz, vocab) -> token ids (bsz, 1).
+    """
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def _check_vocab(args: ModelArgs, tokenizer: Tokenizer, tokenizer_path: str, ckpt_dir: str) -> None:
+    if args.vocab_size > 0 and args.vocab_size != tokenizer.n_words:
+        raise CheckpointError(
+            f"the tokenizer {tokenizer_path!r} ({tokenizer.family}, {tokenizer.n_words} tokens) does not belong to the "
+            f"checkpoint {ckpt_dir!r} (params.json vocab_size={args.vocab_size}); pass the tokenizer.model that came with these weights"
+        )
+
+
+def _check_divisible(args: ModelArgs, mp_size: int, ckpt_dir: str) -> None:
+    n_kv_heads = args.n_kv_heads or args.n_heads
+    if args.n_heads % mp_size or n_kv_heads % mp_size:
+        raise CheckpointError(
+            f"{ckpt_dir}: {args.n_heads} attention heads ({n_kv_heads} key/value heads) cannot be split over "
+            f"{mp_size} processes; use a number of processes that divides both"
+        )
+
+
+def _check_embedding_shape(checkpoint: dict, args: ModelArgs, mp_size: int, path, tokenizer_path: str) -> None:
+    """The embedding's vocabulary side tells a wrong tokenizer apart from a right one (Llama 2 has no vocab_size)."""
+    weight = checkpoint.get("tok_embeddings.weight")
+    if weight is None:
+        return  # load_into names the missing weight
+    rows = weight.shape[0] * (mp_size if args.vocab_parallel_embedding else 1)
+    if rows != args.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer {tokenizer_path!r} has {args.vocab_size} tokens but {path} embeds {rows}: "
+            "they do not belong together (a Llama 2 tokenizer with a Llama 3 checkpoint, or the reverse?); "
+            "pass the tokenizer.model that came with these weights"
+        )
