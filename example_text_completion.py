@@ -1,0 +1,69 @@
+"""Continue a few prompts with a pretrained model (Meta's example, runnable with or without torchrun).
+
+    torchrun --nproc_per_node 1 example_text_completion.py --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model
+"""
+
+import logging
+from typing import List, Optional
+
+import fire
+
+from llama import Llama
+
+
+def main(
+    ckpt_dir: str,
+    tokenizer_path: str,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 128,
+    max_gen_len: int = 64,
+    max_batch_size: int = 4,
+    model_parallel_size: Optional[int] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+):
+    """
+    Pretrained (not chat-tuned) models continue text: each prompt is the start of a text.
+    `max_gen_len` bounds the continuation, since pretrained models rarely stop by themselves.
+    `device` (cuda, cpu, mps) and `dtype` (bf16, fp16, fp32) override the automatic choice.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        model_parallel_size=model_parallel_size,
+        device=device,
+        dtype=dtype,
+    )
+
+    prompts: List[str] = [
+        # For these prompts, the expected answer is the natural continuation of the prompt
+        "I believe the meaning of life is",
+        "Simply put, the theory of relativity states that ",
+        """A brief message congratulating the team on the launch:
+
+        Hi everyone,
+        
+        I just """,
+        # Few shot prompt (providing a few examples before asking model to complete more);
+        """Translate English to French:
+        
+        sea otter => loutre de mer
+        peppermint => menthe poivrée
+        plush girafe => girafe peluche
+        cheese =>""",
+    ]
+    for start in range(0, len(prompts), max_batch_size):
+        batch = prompts[start : start + max_batch_size]
+        results = generator.text_completion(batch, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        for prompt, result in zip(batch, results):
+            print(prompt)
+            print(f"> {result['generation']}")
+            print("\n==================================\n")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
