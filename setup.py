@@ -1,0 +1,22 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+def get_requirements(path: str):
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+setup(
+    name="llama",
+    version="0.1.0",
+    description="Llama 2 and Llama 3 inference with Meta's API, on CUDA or the CPU",
+    packages=find_packages(include=["llama", "llama.*"]),
+    python_requires=">=3.9",
+    install_requires=get_requirements("requirements.txt"),
+    extras_require={
+        # Real tokenizer files are rebuilt from registry packages (gguf + protobuf); transformers
+        # is the independent implementation the forward pass is checked against.
+        "test": ["pytest", "gguf", "protobuf", "transformers"],
+    },
+)
