@@ -101,7 +101,6 @@ class SentencePieceTokenizer(Tokenizer):
         self.stop_tokens: Set[int] = {self.eos_id}
         self.special_tokens: Dict[str, int] = {}
         logger.info("#words: %d - BOS ID: %d - EOS ID: %d", self.n_words, self.bos_id, self.eos_id)
-        assert self.sp_model.vocab_size() == self.sp_model.get_piece_size()
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         """Encodes `s` with SentencePiece; `bos`/`eos` add Llama 2's <s> and </s>.
