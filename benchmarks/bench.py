@@ -1,0 +1,354 @@
+"""Speed and memory of Llama.generate on this machine, against its ceilings and transformers' Llama.
+
+    python benchmarks/bench.py --model tiny|smollm2-135m|llama-3.2-1b|llama-2-7b|CKPT_DIR
+        [--tokenizer PATH] [--dtype fp32|bf16] [--json out.json] [--quick]
+
+Named models are synthetic: random weights in Meta's format (params.json + a bf16
+consolidated.00.pth) written to a temporary folder, so the load path is measured too.
+Progress goes to stderr, one markdown table to stdout.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+# Shapes of the named models. SmolLM2's own vocabulary (49152) has no Llama tokenizer: it gets
+# Llama 2's 32000 (the closest), and like SmolLM2 it ties the output to the embedding.
+MODELS: Dict[str, dict] = {
+    "tiny": {"params": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "norm_eps": 1e-5}, "family": "llama2", "tied": False},
+    "smollm2-135m": {
+        "params": {"dim": 576, "n_layers": 30, "n_heads": 9, "n_kv_heads": 3, "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 100000.0},
+        "family": "llama2",
+        "tied": True,
+    },
+    "llama-3.2-1b": {
+        "params": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "multiple_of": 256, "ffn_dim_multiplier": 1.5,
+                   "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256},
+        "family": "llama3",
+        "tied": True,
+    },
+    "llama-2-7b": {"params": {"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256, "norm_eps": 1e-5, "vocab_size": -1}, "family": "llama2", "tied": False},
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def tokenizer_for(family: str) -> Path:
+    import assets
+
+    return assets.llama3_tokenizer_model() if family == "llama3" else assets.llama2_tokenizer_model()
+
+
+def write_synthetic(name: str, folder: Path, vocab_size: int) -> Path:
+    """Random bf16 weights with the named model's shapes, saved as Meta saves them."""
+    from checkpoints import random_state_dict, write_checkpoint
+    from llama.args import ModelArgs
+
+    spec = MODELS[name]
+    args = ModelArgs.from_params({**spec["params"], "vocab_size": vocab_size})
+    sd = random_state_dict(args, dtype=torch.bfloat16)
+    if spec["tied"]:
+        del sd["output.weight"]
+    return write_checkpoint(folder, spec["params"], sd, vocab_parallel_embedding=spec["family"] == "llama3")
+
+
+# --- load time and peak memory, in a fresh process so nothing else is counted --------------
+
+def _load_child(ckpt_dir: str, tokenizer: str, dtype: str) -> None:
+    from llama import Llama
+
+    t0 = time.perf_counter()
+    Llama.build(ckpt_dir, tokenizer, max_seq_len=64, max_batch_size=1, device="cpu", dtype=DTYPES[dtype])
+    seconds = time.perf_counter() - t0
+    status = Path("/proc/self/status").read_text()
+    hwm_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+    print(json.dumps({"seconds": seconds, "peak_rss_bytes": hwm_kb * 1024}))
+
+
+def measure_load(ckpt_dir: Path, tokenizer: Path, dtype: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--_load-child", str(ckpt_dir), str(tokenizer), dtype],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def baseline_rss() -> int:
+    """Peak memory of a process that only imports torch and llama: subtracted from the load's peak."""
+    code = "import torch, llama, pathlib; s=pathlib.Path('/proc/self/status').read_text(); print([l for l in s.splitlines() if l.startswith('VmHWM:')][0].split()[1])"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT)
+    return int(out.stdout.strip()) * 1024
+
+
+# --- the machine's ceilings ------------------------------------------------------------------
+
+def _best_time(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matvec_bandwidth(dtype: torch.dtype, quick: bool) -> float:
+    """Bytes/s streamed by a one-row F.linear over a weight far bigger than the caches."""
+    w = torch.randn(4096, 8192 if not quick else 4096).to(dtype)
+    x = torch.randn(1, w.shape[1]).to(dtype)
+    t = _best_time(lambda: F.linear(x, w), 5 if quick else 20)
+    return w.numel() * w.element_size() / t
+
+
+def matmul_flops(quick: bool) -> float:
+    """fp32 matrix-multiply FLOP/s (the compute prefill is bound by)."""
+    n = 1024 if quick else 2048
+    a, b = torch.randn(512, n), torch.randn(n, n)
+    t = _best_time(lambda: a @ b, 3 if quick else 10)
+    return 2 * 512 * n * n / t
+
+
+# --- our generate -----------------------------------------------------------------------------
+
+def prompts_of(lengths: List[int], seed: int = 0) -> List[List[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(100, 20000, (n,), generator=g).tolist() for n in lengths]
+
+
+def time_generate(generate, lengths: List[int], max_gen_len: int) -> float:
+    t0 = time.perf_counter()
+    generate(prompts_of(lengths), max_gen_len)
+    return time.perf_counter() - t0
+
+
+def bench_ours(ckpt_dir: Path, tokenizer: Path, dtype: str, plan: dict) -> Dict[str, float]:
+    from llama import Llama
+
+    generator = Llama.build(str(ckpt_dir), str(tokenizer), max_seq_len=plan["max_seq_len"], max_batch_size=4,
+                            device="cpu", dtype=DTYPES[dtype])
+    generator.tokenizer.stop_tokens = set()  # random weights may greedily pick a stop token: decode them all
+
+    def generate(prompts, n):
+        out, _ = generator.generate(prompts, max_gen_len=n, temperature=0.0)
+        assert all(len(o) == n for o in out), "generation stopped early"
+
+    return run_plan(generate, plan, ragged=True)
+
+
+def run_plan(generate, plan: dict, ragged: bool) -> Dict[str, float]:
+    """Tokens/s for prefill (max_gen_len=1) and decode (the rest of max_gen_len, prefill subtracted)."""
+    r: Dict[str, float] = {}
+    generate(prompts_of([8]), 2)  # warm-up
+    for n in plan["prefill"]:
+        log(f"  prefill {n}")
+        r[f"prefill_{n}"] = n / time_generate(generate, [n], 1)
+    new = plan["decode"]
+    p = plan["decode_prompt"]
+    for bsz in (1, 4):
+        log(f"  decode batch {bsz}")
+        first = time_generate(generate, [p] * bsz, 1)
+        total = time_generate(generate, [p] * bsz, new)
+        r[f"decode_b{bsz}"] = bsz * (new - 1) / max(total - first, 1e-9)
+    if ragged:
+        short, long = plan["ragged"]
+        even = (short + long) // 2
+        for key, lengths in (("ragged", [short, long]), ("even", [even, even])):
+            log(f"  {key} batch {lengths}")
+            r[key] = 2 * plan["ragged_gen"] / time_generate(generate, lengths, plan["ragged_gen"])
+    return r
+
+
+# --- transformers' Llama on the same weights --------------------------------------------------
+
+def to_hf_state_dict(sd: Dict[str, torch.Tensor], n_heads: int, n_kv_heads: int, dim: int) -> Dict[str, torch.Tensor]:
+    """Meta's keys and interleaved RoPE rows -> transformers' keys and rotate-half rows."""
+    def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+        head_dim = w.shape[0] // heads
+        return w.view(heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(-1, dim)
+
+    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
+           "lm_head.weight": sd.get("output.weight", sd["tok_embeddings.weight"])}
+    for key, w in sd.items():
+        if not key.startswith("layers."):
+            continue
+        _, i, rest = key.split(".", 2)
+        module = rest.rsplit(".", 1)[0]
+        if module == "attention.wq":
+            w = permute(w, n_heads)
+        elif module == "attention.wk":
+            w = permute(w, n_kv_heads)
+        out[f"model.layers.{i}.{names[module]}.weight"] = w
+    return out
+
+
+def bench_hf(ckpt_dir: Path, vocab_size: int, dtype: str, plan: dict) -> Optional[Dict[str, float]]:
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        log("transformers is not installed: no comparison")
+        return None
+    from checkpoints import ffn_hidden_dim
+    from llama.args import ModelArgs
+    from llama.checkpoint import load_shard, read_params
+
+    params = read_params(str(ckpt_dir))
+    args = ModelArgs.from_params({**params, "vocab_size": vocab_size})
+    n_kv = args.n_kv_heads or args.n_heads
+    rope_scaling = ({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192} if args.use_scaled_rope else None)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=args.dim, intermediate_size=ffn_hidden_dim(args),
+                         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=n_kv,
+                         rms_norm_eps=args.norm_eps, rope_theta=params.get("rope_theta", 10000.0), rope_scaling=rope_scaling,
+                         max_position_embeddings=plan["max_seq_len"], tie_word_embeddings=False)
+    shards = sorted(ckpt_dir.glob("*.pth"))
+    sd = to_hf_state_dict(load_shard(shards[0]), args.n_heads, n_kv, args.dim)
+    model = LlamaForCausalLM(config)  # not on "meta": the RoPE buffers must be real
+    model.load_state_dict({k: v.to(DTYPES[dtype]) for k, v in sd.items()}, strict=True, assign=True)
+    model.eval()
+
+    def generate(prompts, n):
+        ids = torch.tensor(prompts)
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0)
+        assert out.shape[1] == ids.shape[1] + n
+
+    return run_plan(generate, plan, ragged=False)
+
+
+# --- the table --------------------------------------------------------------------------------
+
+def main(argv: Optional[List[str]] = None) -> None:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--_load-child":
+        return _load_child(*sys.argv[2:5])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help=f"{', '.join(MODELS)} (synthetic) or a Meta checkpoint folder")
+    p.add_argument("--tokenizer", help="tokenizer.model (default: the real Llama 2/3 one from tests/assets.py)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--quick", action="store_true", help="short prompts and decodes: under a minute")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' side-by-side run")
+    a = p.parse_args(argv)
+
+    torch.manual_seed(0)
+    if a.quick:
+        plan = {"prefill": [32, 128], "decode_prompt": 16, "decode": 16, "ragged": [8, 120], "ragged_gen": 8}
+    else:
+        plan = {"prefill": [128, 512], "decode_prompt": 32, "decode": 128, "ragged": [16, 512], "ragged_gen": 32}
+    plan["max_seq_len"] = max(plan["prefill"] + [plan["ragged"][1]]) + max(plan["decode"], plan["ragged_gen"]) + 8
+
+    with tempfile.TemporaryDirectory(prefix="llama-bench-") as tmp:
+        if a.model in MODELS:
+            spec = MODELS[a.model]
+            if a.model == "llama-2-7b" and a.dtype == "fp32":
+                sys.exit("llama-2-7b in fp32 needs ~27 GB for the weights alone: use --dtype bf16 (or a bigger machine)")
+            tokenizer = Path(a.tokenizer) if a.tokenizer else tokenizer_for(spec["family"])
+            from llama.tokenizer import Tokenizer
+
+            vocab_size = Tokenizer(str(tokenizer)).n_words
+            log(f"writing a synthetic {a.model} (vocab {vocab_size}) in bf16 to {tmp}")
+            ckpt_dir = write_synthetic(a.model, Path(tmp) / a.model, vocab_size)
+        else:
+            ckpt_dir = Path(a.model)
+            if not a.tokenizer:
+                sys.exit(f"--model {a.model!r} is a folder: pass its --tokenizer too")
+            tokenizer = Path(a.tokenizer)
+            from llama.tokenizer import Tokenizer
+
+            vocab_size = Tokenizer(str(tokenizer)).n_words
+
+        weight_bytes_ckpt = sum(f.stat().st_size for f in ckpt_dir.glob("*.pth"))
+        log("load time and peak memory (subprocess)")
+        load = measure_load(ckpt_dir, tokenizer, a.dtype)
+        base = baseline_rss()
+
+        log("ceilings: matrix-vector bandwidth, matrix-multiply FLOP/s")
+        bandwidth = matvec_bandwidth(DTYPES[a.dtype], a.quick)
+        flops = matmul_flops(a.quick)
+
+        log("our Llama.generate")
+        from llama.checkpoint import load_shard
+
+        sd = load_shard(sorted(ckpt_dir.glob("*.pth"))[0])
+        n_params = sum(v.numel() for k, v in sd.items() if k != "rope.freqs")
+        # A tied output is a second matrix the model holds and streams every step.
+        if "output.weight" not in sd:
+            n_params += sd["tok_embeddings.weight"].numel()
+        del sd
+        weight_bytes = n_params * torch.finfo(DTYPES[a.dtype]).bits // 8
+        ours = bench_ours(ckpt_dir, tokenizer, a.dtype, plan)
+        theirs = None
+        if not a.no_hf:
+            log("transformers' LlamaForCausalLM.generate")
+            theirs = bench_hf(ckpt_dir, vocab_size, a.dtype, plan)
+
+    decode_ceiling = bandwidth / weight_bytes
+    prefill_ceiling = flops / (2 * n_params)
+    result = {
+        "model": a.model, "dtype": a.dtype, "params": n_params, "weight_bytes": weight_bytes, "checkpoint_bytes": weight_bytes_ckpt,
+        "threads": torch.get_num_threads(), "plan": plan,
+        "load_seconds": load["seconds"], "load_peak_rss_bytes": load["peak_rss_bytes"], "baseline_rss_bytes": base,
+        "matvec_bytes_per_s": bandwidth, "matmul_flops": flops,
+        "decode_ceiling_tok_s": decode_ceiling, "prefill_ceiling_tok_s": prefill_ceiling,
+        "ours": ours, "hf": theirs,
+    }
+    print(render_table(result))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+        log(f"wrote {a.json}")
+
+
+def render_table(r: dict) -> str:
+    plan = r["plan"]
+    gib = 2**30
+    lines = [
+        f"**{r['model']}**, {r['dtype']}, {r['params'] / 1e6:.1f} M parameters ({r['weight_bytes'] / gib:.2f} GiB in {r['dtype']}), "
+        f"{r['threads']} threads; matrix-vector {r['matvec_bytes_per_s'] / 1e9:.1f} GB/s, fp32 matmul {r['matmul_flops'] / 1e9:.0f} GFLOP/s",
+        "",
+        "| row | ours | ceiling | of ceiling | transformers | ours / transformers |",
+        "|---|---|---|---|---|---|",
+    ]
+    extra = r["load_peak_rss_bytes"] - r["baseline_rss_bytes"]
+    lines.append(f"| load time | {r['load_seconds']:.2f} s | | | | |")
+    lines.append(f"| load peak RSS | {r['load_peak_rss_bytes'] / gib:.2f} GiB (+{extra / gib:.2f} over import) | "
+                 f"{r['weight_bytes'] / gib:.2f} GiB weights | {extra / r['weight_bytes']:.2f}x weights | | |")
+    hf = r["hf"] or {}
+
+    def row(label: str, key: str, ceiling: Optional[float]) -> None:
+        ours = r["ours"][key]
+        cells = [f"{ours:.1f} tok/s"]
+        cells += [f"{ceiling:.1f} tok/s", f"{ours / ceiling:.0%}"] if ceiling else ["", ""]
+        cells += [f"{hf[key]:.1f} tok/s", f"{ours / hf[key]:.2f}"] if key in hf else ["", ""]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    for n in plan["prefill"]:
+        row(f"prefill {n} tokens", f"prefill_{n}", r["prefill_ceiling_tok_s"])
+    row(f"decode batch 1 ({plan['decode']} new)", "decode_b1", r["decode_ceiling_tok_s"])
+    row(f"decode batch 4 ({plan['decode']} new)", "decode_b4", 4 * r["decode_ceiling_tok_s"])
+    short, long = plan["ragged"]
+    even = (short + long) // 2
+    row(f"ragged batch {short}+{long} ({plan['ragged_gen']} new each)", "ragged", None)
+    row(f"even batch {even}+{even} ({plan['ragged_gen']} new each)", "even", None)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
