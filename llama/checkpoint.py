@@ -79,13 +79,62 @@ def read_params(ckpt_dir: str) -> Dict[str, Any]:
     return params
 
 
-def check_shard_count(shards: List[Path], model_parallel_size: int) -> None:
-    if len(shards) != model_parallel_size:
-        folder = shards[0].parent
+def valid_model_parallel_sizes(n_heads: int, n_kv_heads: int, split_size: int, limit: int = 64) -> List[int]:
+    """Process counts (up to limit) that divide the heads, the key/value heads and the embedding's split side."""
+    return [m for m in range(1, limit + 1) if n_heads % m == 0 and n_kv_heads % m == 0 and split_size % m == 0]
+
+
+def check_model_parallel_size(
+    n_heads: int, n_kv_heads: int, split_size: int, model_parallel_size: int, ckpt_dir: str
+) -> None:
+    """Any process count works if it keeps whole heads and equal embedding slices together; else say which do."""
+    valid = valid_model_parallel_sizes(n_heads, n_kv_heads, split_size)
+    if model_parallel_size not in valid:
         raise CheckpointError(
-            f"{folder} holds {len(shards)} shard(s) but this run has model_parallel_size={model_parallel_size}: "
-            f"one process per shard is needed; launch with `torchrun --nproc_per_node {len(shards)} ...`"
+            f"{ckpt_dir}: {n_heads} attention heads ({n_kv_heads} key/value heads, embedding side {split_size}) "
+            f"cannot be split over {model_parallel_size} processes; valid numbers of processes: "
+            f"{', '.join(map(str, valid))} (e.g. `torchrun --nproc_per_node {valid[-1]} ...`)"
         )
+
+
+def resharded_state_dict(
+    shards: List[Dict[str, torch.Tensor]], rank: int, model_parallel_size: int, vocab_parallel_embedding: bool
+) -> Dict[str, torch.Tensor]:
+    """This rank's slice of a checkpoint saved as len(shards) shards, for model_parallel_size processes.
+
+    Meta's shards of a split weight are equal contiguous slices (whole head blocks for wq/wk/wv), so
+    the full weight is their concatenation and the new slice is one of model_parallel_size equal
+    chunks. Only the overlapping parts of the (memory-mapped) shards are read: narrow, then cat.
+    Replicated weights come from shard 0.
+    """
+    n = len(shards)
+    out = {}
+    for key, first in shards[0].items():
+        dim = shard_dim(key, vocab_parallel_embedding)
+        if dim is None:
+            out[key] = first
+            continue
+        part = first.shape[dim]
+        full = part * n
+        if full % model_parallel_size:
+            raise CheckpointError(f"{key}: size {full} along dim {dim} cannot be split in {model_parallel_size} equal parts")
+        size = full // model_parallel_size
+        start, end = rank * size, (rank + 1) * size
+        pieces = []
+        for i, shard in enumerate(shards):
+            lo, hi = i * part, (i + 1) * part
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                pieces.append(shard[key].narrow(dim, a - lo, b - a))
+        out[key] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+    return out
+
+
+def load_for_rank(paths: List[Path], rank: int, model_parallel_size: int, vocab_parallel_embedding: bool) -> Dict[str, torch.Tensor]:
+    """The state_dict this rank needs: its own shard when counts match, else slices of the mmap'd shards."""
+    if len(paths) == model_parallel_size:
+        return load_shard(paths[rank])
+    return resharded_state_dict([load_shard(p) for p in paths], rank, model_parallel_size, vocab_parallel_embedding)
 
 
 def load_shard(path: Path) -> Dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ import logging
 import os
 import sys
 import time
-from typing import List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_rank
 
 from llama.args import ModelArgs
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, chat_format_for
-from llama.checkpoint import CheckpointError, check_shard_count, checkpoint_paths, load_into, load_shard, read_params
+from llama.checkpoint import CheckpointError, check_model_parallel_size, checkpoint_paths, load_for_rank, load_into, read_params
 from llama.distributed import (
     default_device_and_dtype,
     init_model_parallel,
@@ -68,13 +68,15 @@ class Llama:
         params = read_params(ckpt_dir)
         tokenizer = Tokenizer(model_path=tokenizer_path)
         mp_size = requested_world_size(model_parallel_size)
-        check_shard_count(shards, mp_size)
         model_args = ModelArgs.from_params(
             {**FAMILY_DEFAULTS[tokenizer.family], **params}, max_seq_len=max_seq_len, max_batch_size=max_batch_size
         )
         _check_vocab(model_args, tokenizer, tokenizer_path, ckpt_dir)
         model_args.vocab_size = tokenizer.n_words
-        _check_divisible(model_args, mp_size, ckpt_dir)
+        check_model_parallel_size(
+            model_args.n_heads, model_args.n_kv_heads or model_args.n_heads,
+            model_args.vocab_size if model_args.vocab_parallel_embedding else model_args.dim, mp_size, ckpt_dir,
+        )
         device = select_device(device)
         dtype = select_dtype(device, dtype)
 
@@ -85,8 +87,9 @@ class Llama:
             sys.stdout = open(os.devnull, "w")  # as Meta's: only the first process prints
 
         start_time = time.time()
-        ckpt_path = shards[get_model_parallel_rank()]
-        checkpoint = load_shard(ckpt_path)
+        rank = get_model_parallel_rank()
+        ckpt_path = shards[rank] if len(shards) == mp_size else shards[0].parent
+        checkpoint = load_for_rank(shards, rank, mp_size, model_args.vocab_parallel_embedding)
         _check_embedding_shape(checkpoint, model_args, mp_size, ckpt_path, tokenizer_path)
         with default_device_and_dtype(device, dtype):
             model = Transformer(model_args)
@@ -116,44 +119,18 @@ class Llama:
         row, so a seed gives the same tokens as Meta's code. Returns the new tokens (with the
         prompt if echo) and, if logprobs, the log-probability of each returned token.
         """
-        params = self.model.params
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
-        bsz = len(prompt_tokens)
-        min_prompt_len = min(len(t) for t in prompt_tokens)
-        max_prompt_len = max(len(t) for t in prompt_tokens)
-        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
-        device = self.model.tok_embeddings.weight.device
-
-        pad_id = self.tokenizer.pad_id
-        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
-        for k, t in enumerate(prompt_tokens):
-            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-        token_logprobs = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
-
-        prev_pos = 0
-        eos_reached = torch.tensor([False] * bsz, device=device)
-        input_text_mask = tokens != pad_id
-        stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), device=device)
-        if min_prompt_len == total_len and logprobs:
-            # Nothing to generate: score the prompts. (Meta's code scores logits[i] against
-            # token i here; we use token i + 1, as everywhere else.)
-            logits = self.model.forward(tokens, prev_pos)
-            token_logprobs[:, 1:] = _token_logprobs(logits[:, :-1], tokens[:, 1:], pad_id)
-
-        for cur_pos in range(min_prompt_len, total_len):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
-            next_token = _next_token(logits[:, -1], temperature, top_p)
-            # A row still inside its prompt keeps the prompt's token.
-            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
-            if logprobs:
-                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = _token_logprobs(logits, tokens[:, prev_pos + 1 : cur_pos + 1], pad_id)
-            eos_reached |= (~input_text_mask[:, cur_pos]) & torch.isin(next_token, stop_tokens)
-            prev_pos = cur_pos
-            if eos_reached.all():
-                break
-
+        steps = self._generate_steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        for _ in steps:
+            pass
+        tokens, token_logprobs = steps.tokens, steps.token_logprobs
         return self._trim(tokens.tolist(), token_logprobs.tolist() if logprobs else None, prompt_tokens, max_gen_len, echo)
+
+    def _generate_steps(
+        self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float, logprobs: bool
+    ) -> "_Steps":
+        """The decode loop of generate, one yield per step (see _Steps); arguments already checked."""
+        return _Steps(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs)
 
     def _trim(
         self,
@@ -262,6 +239,61 @@ class Llama:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+class _Steps:
+    """Meta's generation loop as an iterator: each step writes column cur_pos of tokens (and of
+    token_logprobs) and yields cur_pos. generate drains it; streaming reads each new column, so
+    both draw the same random numbers in the same order.
+    """
+
+    def __init__(self, generator: "Llama", prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float, logprobs: bool):
+        self.model, self.temperature, self.top_p = generator.model, temperature, top_p
+        bsz = len(prompt_tokens)
+        self.min_prompt_len = min(len(t) for t in prompt_tokens)
+        max_prompt_len = max(len(t) for t in prompt_tokens)
+        self.total_len = min(self.model.params.max_seq_len, max_gen_len + max_prompt_len)
+        device = self.model.tok_embeddings.weight.device
+
+        self.pad_id = pad_id = generator.tokenizer.pad_id
+        self.tokens = torch.full((bsz, self.total_len), pad_id, dtype=torch.long, device=device)
+        for k, t in enumerate(prompt_tokens):
+            self.tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+        self.token_logprobs = torch.zeros_like(self.tokens, dtype=torch.float) if logprobs else None
+        self.input_text_mask = self.tokens != pad_id
+        self.stop_tokens = torch.tensor(sorted(generator.tokenizer.stop_tokens), device=device)
+        self._iter = self._loop()
+
+    def __iter__(self) -> "_Steps":
+        return self
+
+    def __next__(self) -> int:
+        return next(self._iter)
+
+    @torch.inference_mode()
+    def _loop(self) -> Iterator[int]:
+        tokens, token_logprobs, pad_id, input_text_mask = self.tokens, self.token_logprobs, self.pad_id, self.input_text_mask
+        prev_pos = 0
+        eos_reached = torch.tensor([False] * tokens.shape[0], device=tokens.device)
+        if self.min_prompt_len == self.total_len and token_logprobs is not None:
+            # Nothing to generate: score the prompts. (Meta's code scores logits[i] against
+            # token i here; we use token i + 1, as everywhere else.)
+            logits = self.model.forward(tokens, prev_pos)
+            token_logprobs[:, 1:] = _token_logprobs(logits[:, :-1], tokens[:, 1:], pad_id)
+
+        for cur_pos in range(self.min_prompt_len, self.total_len):
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+            next_token = _next_token(logits[:, -1], self.temperature, self.top_p)
+            # A row still inside its prompt keeps the prompt's token.
+            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if token_logprobs is not None:
+                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = _token_logprobs(logits, tokens[:, prev_pos + 1 : cur_pos + 1], pad_id)
+            eos_reached |= (~input_text_mask[:, cur_pos]) & torch.isin(next_token, self.stop_tokens)
+            prev_pos = cur_pos
+            yield cur_pos
+            if eos_reached.all():
+                break
+
+
 def _next_token(last_logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """(bsz, vocab) logits of the last position -> (bsz,) next tokens: argmax, or a top-p sample."""
     if temperature > 0:
@@ -294,15 +326,6 @@ def _check_vocab(args: ModelArgs, tokenizer: Tokenizer, tokenizer_path: str, ckp
         raise CheckpointError(
             f"the tokenizer {tokenizer_path!r} ({tokenizer.family}, {tokenizer.n_words} tokens) does not belong to the "
             f"checkpoint {ckpt_dir!r} (params.json vocab_size={args.vocab_size}); pass the tokenizer.model that came with these weights"
-        )
-
-
-def _check_divisible(args: ModelArgs, mp_size: int, ckpt_dir: str) -> None:
-    n_kv_heads = args.n_kv_heads or args.n_heads
-    if args.n_heads % mp_size or n_kv_heads % mp_size:
-        raise CheckpointError(
-            f"{ckpt_dir}: {args.n_heads} attention heads ({n_kv_heads} key/value heads) cannot be split over "
-            f"{mp_size} processes; use a number of processes that divides both"
         )
 
 

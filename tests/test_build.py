@@ -114,11 +114,20 @@ def test_llama3_tokenizer_with_llama2_checkpoint_is_refused(llama2_ckpt, llama3_
         build(llama2_ckpt, llama3_tokenizer_path)
 
 
-def test_shard_count_different_from_processes_says_how_to_launch(tmp_path, llama3_tokenizer_path):
+def test_two_shard_folder_loads_in_one_process(tmp_path, llama3_tokenizer_path):
+    params = {**TINY_PARAMS, "vocab_size": 128256}
+    state_dict = random_state_dict(ModelArgs.from_params(params))
+    folder = write_checkpoint(tmp_path / "two", params, state_dict, n_shards=2)
+    model_sd = build(folder, llama3_tokenizer_path).model.state_dict()
+    for key, tensor in state_dict.items():
+        assert torch.equal(model_sd[key], tensor), key
+
+
+def test_process_count_that_splits_heads_lists_valid_counts(tmp_path, llama3_tokenizer_path):
     params = {**TINY_PARAMS, "vocab_size": 128256}
     folder = write_checkpoint(tmp_path / "two", params, random_state_dict(ModelArgs.from_params(params)), n_shards=2)
-    with pytest.raises(CheckpointError, match=r"holds 2 shard\(s\).*torchrun --nproc_per_node 2"):
-        build(folder, llama3_tokenizer_path)
+    with pytest.raises(CheckpointError, match=r"cannot be split over 3 processes; valid numbers of processes: 1, 2"):
+        build(folder, llama3_tokenizer_path, model_parallel_size=3)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
