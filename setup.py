@@ -19,4 +19,9 @@ setup(
         # is the independent implementation the forward pass is checked against.
         "test": ["pytest", "gguf", "protobuf", "transformers"],
     },
+    entry_points={
+        "console_scripts": [
+            "llama-reshard=llama.reshard:cli",
+        ],
+    },
 )
