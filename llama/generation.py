@@ -21,6 +21,7 @@ from llama.distributed import (
     select_dtype,
 )
 from llama.model import Transformer
+from llama.stream import StreamEvent, stream_steps
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -209,6 +210,42 @@ class Llama:
                 result["logprobs"] = generation_logprobs[i]
             results.append(result)
         return results
+
+    def stream_text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+    ) -> Iterator[StreamEvent]:
+        """text_completion as a generator of StreamEvent, one per new token of each prompt (index
+        = position in prompts); same tokens as text_completion for the same seed."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be a list of strings, e.g. stream_text_completion(['I believe the meaning of life is'])")
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        return self._stream(prompt_tokens, temperature, top_p, max_gen_len, logprobs, [None] * len(prompts))
+
+    def stream_chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+    ) -> Iterator[StreamEvent]:
+        """chat_completion as a generator of StreamEvent (see stream_text_completion)."""
+        prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
+        fixed = [UNSAFE_ERROR if self.formatter.has_special_tags(dialog) else None for dialog in dialogs]
+        return self._stream(prompt_tokens, temperature, top_p, max_gen_len, logprobs, fixed)
+
+    def _stream(self, prompt_tokens, temperature, top_p, max_gen_len, logprobs, fixed) -> Iterator[StreamEvent]:
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        # Checked here, before the first next(), so bad input fails at the call.
+        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+        steps = self._generate_steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        return stream_steps(steps, self.tokenizer, [len(t) for t in prompt_tokens], max_gen_len, logprobs, fixed)
 
     def _check_generate_args(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float) -> None:
         params = self.model.params

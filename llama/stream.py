@@ -1,0 +1,92 @@
+"""Streaming: turn the steps of generate into per-token text events, one prompt per index."""
+
+from dataclasses import dataclass
+from typing import Iterator, List, Optional
+
+from llama.tokenizer import Tokenizer
+
+
+@dataclass
+class StreamEvent:
+    """One new token of prompt `index` (token None on the closing event of a stop token or the
+    sequence limit); `text` is the piece of answer it makes readable (may be ""). Concatenating a
+    prompt's texts gives exactly the non-streaming answer."""
+
+    index: int
+    text: str
+    token: Optional[int]
+    logprob: Optional[float]
+    finished: bool
+
+
+class IncrementalDecoder:
+    """Decode a growing token list piece by piece, in time linear in the answer.
+
+    Decodes only the tokens since the last emitted piece plus the one before (so SentencePiece's
+    leading-space rule and byte-split characters decode as in the whole), and holds text back
+    while it ends in U+FFFD (an incomplete UTF-8 character).
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: List[int] = []
+        self.prefix_offset = 0  # decoding starts here
+        self.read_offset = 0  # text of tokens[prefix_offset:read_offset] is already emitted
+        self.emitted = ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        prefix_text = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
+        text = self.tokenizer.decode(self.tokens[self.prefix_offset :])
+        if text.endswith("\ufffd") or len(text) <= len(prefix_text) or not text.startswith(prefix_text):
+            return ""
+        piece = text[len(prefix_text) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        self.emitted += piece
+        return piece
+
+    def flush(self) -> str:
+        """The rest of the text once no token follows (held-back U+FFFD included)."""
+        full = self.tokenizer.decode(self.tokens)
+        piece = full[len(self.emitted) :] if full.startswith(self.emitted) else ""
+        self.emitted += piece
+        return piece
+
+
+def stream_steps(
+    steps, tokenizer: Tokenizer, prompt_lens: List[int], max_gen_len: int, logprobs: bool, fixed_answers: List[Optional[str]]
+) -> Iterator[StreamEvent]:
+    """Events for the rows of `steps` (Llama._generate_steps): each row stops at its first stop
+    token or after max_gen_len tokens. A row with a fixed answer (Meta's UNSAFE_ERROR) streams
+    its tokens with no text and the fixed answer on its closing event."""
+    decoders = [IncrementalDecoder(tokenizer) for _ in prompt_lens]
+    done = [False] * len(prompt_lens)
+
+    def close(i: int, token: Optional[int], logprob: Optional[float], text: str = "") -> StreamEvent:
+        done[i] = True
+        rest = fixed_answers[i] if fixed_answers[i] is not None else text + decoders[i].flush()
+        return StreamEvent(i, rest, token, logprob, True)
+
+    for i in range(len(prompt_lens)):
+        if max_gen_len == 0 or prompt_lens[i] >= steps.total_len:
+            yield close(i, None, None)
+    for cur_pos in steps:
+        column = steps.tokens[:, cur_pos].tolist()
+        column_logprobs = steps.token_logprobs[:, cur_pos].tolist() if logprobs else None
+        for i, token in enumerate(column):
+            if done[i] or cur_pos < prompt_lens[i]:
+                continue
+            logprob = column_logprobs[i] if logprobs else None
+            if token in tokenizer.stop_tokens:
+                yield close(i, None, None)
+                continue
+            text = decoders[i].push(token) if fixed_answers[i] is None else ""
+            if cur_pos + 1 - prompt_lens[i] >= max_gen_len or cur_pos + 1 >= steps.total_len:
+                yield close(i, token, logprob, text)
+            else:
+                yield StreamEvent(i, text, token, logprob, False)
+        if all(done):
+            return
+    for i in range(len(prompt_lens)):
+        if not done[i]:
+            yield close(i, None, None)
