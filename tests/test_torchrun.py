@@ -73,11 +73,12 @@ def test_chat_example_prints_metas_layout_under_torchrun(sharded, llama2_tokeniz
     assert "> Assistant: Error: special tags are not allowed as part of the prompt." in out
 
 
-def test_wrong_process_count_fails_every_rank_with_advice(sharded, llama3_tokenizer_path):
+def test_process_count_that_splits_heads_fails_every_rank_with_valid_counts(sharded, llama3_tokenizer_path):
     folder = sharded("llama3")[2]
-    result = run(["example_text_completion.py", "--ckpt_dir", folder, "--tokenizer_path", llama3_tokenizer_path], check=False)
+    result = run(["example_text_completion.py", "--ckpt_dir", folder, "--tokenizer_path", llama3_tokenizer_path],
+                 nproc=3, check=False)
     assert result.returncode != 0
-    assert "torchrun --nproc_per_node 2" in result.stderr
+    assert "valid numbers of processes: 1, 2" in result.stderr
 
 
 def test_corrupt_shard_on_one_rank_ends_the_whole_run(sharded, llama3_tokenizer_path, tmp_path):
