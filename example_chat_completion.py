@@ -9,6 +9,7 @@ from typing import List, Optional
 import fire
 
 from llama import Dialog, Llama
+from llama.stream import print_in_order
 
 
 def main(
@@ -22,6 +23,7 @@ def main(
     model_parallel_size: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    stream: bool = False,
 ):
     """
     Chat-tuned models answer dialogs: turns of user and assistant, optionally opened by a system
@@ -81,6 +83,11 @@ If a question does not make any sense, or is not factually coherent, explain why
     ]
     for start in range(0, len(dialogs), max_batch_size):
         batch = dialogs[start : start + max_batch_size]
+        if stream:
+            headers = ["".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in d) + "> Assistant: " for d in batch]
+            events = generator.stream_chat_completion(batch, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+            print_in_order(events, headers, "\n\n==================================\n")
+            continue
         results = generator.chat_completion(batch, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
         for dialog, result in zip(batch, results):
             for msg in dialog:

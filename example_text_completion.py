@@ -9,6 +9,7 @@ from typing import List, Optional
 import fire
 
 from llama import Llama
+from llama.stream import print_in_order
 
 
 def main(
@@ -22,6 +23,7 @@ def main(
     model_parallel_size: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    stream: bool = False,
 ):
     """
     Pretrained (not chat-tuned) models continue text: each prompt is the start of a text.
@@ -58,6 +60,10 @@ def main(
     ]
     for start in range(0, len(prompts), max_batch_size):
         batch = prompts[start : start + max_batch_size]
+        if stream:
+            events = generator.stream_text_completion(batch, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+            print_in_order(events, [f"{p}\n> " for p in batch], "\n\n==================================\n")
+            continue
         results = generator.text_completion(batch, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
         for prompt, result in zip(batch, results):
             print(prompt)

@@ -90,3 +90,32 @@ def stream_steps(
     for i in range(len(prompt_lens)):
         if not done[i]:
             yield close(i, None, None)
+
+
+def print_in_order(events: Iterator[StreamEvent], headers: List[str], footer: str, file=None) -> None:
+    """Print each answer after its header, in index order: the earliest unfinished answer live,
+    the others buffered until their turn (the batch still advances together)."""
+    import sys
+
+    file = file or sys.stdout
+    buffered = [""] * len(headers)
+    finished = [False] * len(headers)
+    live = 0
+
+    def advance() -> int:
+        nonlocal live
+        while live < len(headers) and finished[live]:
+            print(footer, file=file, flush=True)
+            live += 1
+            if live < len(headers):
+                print(headers[live] + buffered[live], end="", file=file, flush=True)
+        return live
+
+    print(headers[0], end="", file=file, flush=True)
+    for event in events:
+        if event.index == live:
+            print(event.text, end="", file=file, flush=True)
+        else:
+            buffered[event.index] += event.text
+        finished[event.index] = event.finished
+        advance()

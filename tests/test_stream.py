@@ -98,3 +98,13 @@ def test_decoder_emits_byte_tokens_only_once_complete(llama3_tokenizer):
     decoder = IncrementalDecoder(llama3_tokenizer)
     pieces = [decoder.push(t) for t in byte_tokens]
     assert pieces == ["", "", "", "🦙"]
+
+
+def test_example_stream_flag_prints_the_same_layout(llama3_ckpt, llama3_tokenizer_path, capsys):
+    import example_text_completion
+
+    args = dict(ckpt_dir=str(llama3_ckpt), tokenizer_path=str(llama3_tokenizer_path), temperature=0, max_gen_len=8, max_batch_size=2)
+    example_text_completion.main(**args)
+    plain = capsys.readouterr().out
+    example_text_completion.main(**args, stream=True)
+    assert capsys.readouterr().out == plain
