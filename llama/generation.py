@@ -166,11 +166,9 @@ class Llama:
         echo: bool = False,
     ) -> List[CompletionPrediction]:
         """Continue each prompt text; see generate for the arguments."""
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be a list of strings, e.g. text_completion(['I believe the meaning of life is'])")
+        prompt_tokens = self._encode_prompts(prompts, "text_completion")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens=prompt_tokens, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo
         )
@@ -196,14 +194,13 @@ class Llama:
         """
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
-        prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
-        unsafe_requests = [self.formatter.has_special_tags(dialog) for dialog in dialogs]
+        prompt_tokens, fixed_answers = self._encode_dialogs(dialogs)
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens=prompt_tokens, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs
         )
         results: List[ChatPrediction] = []
         for i, t in enumerate(generation_tokens):
-            content = UNSAFE_ERROR if unsafe_requests[i] else self.tokenizer.decode(t)
+            content = fixed_answers[i] or self.tokenizer.decode(t)
             result: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
             if logprobs:
                 result["tokens"] = [self.tokenizer.decode([x]) for x in t]
@@ -221,9 +218,7 @@ class Llama:
     ) -> Iterator[StreamEvent]:
         """text_completion as a generator of StreamEvent, one per new token of each prompt (index
         = position in prompts); same tokens as text_completion for the same seed."""
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be a list of strings, e.g. stream_text_completion(['I believe the meaning of life is'])")
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        prompt_tokens = self._encode_prompts(prompts, "stream_text_completion")
         return self._stream(prompt_tokens, temperature, top_p, max_gen_len, logprobs, [None] * len(prompts))
 
     def stream_chat_completion(
@@ -235,11 +230,31 @@ class Llama:
         logprobs: bool = False,
     ) -> Iterator[StreamEvent]:
         """chat_completion as a generator of StreamEvent (see stream_text_completion)."""
-        prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
-        fixed = [UNSAFE_ERROR if self.formatter.has_special_tags(dialog) else None for dialog in dialogs]
+        prompt_tokens, fixed = self._encode_dialogs(dialogs)
         return self._stream(prompt_tokens, temperature, top_p, max_gen_len, logprobs, fixed)
 
-    def _stream(self, prompt_tokens, temperature, top_p, max_gen_len, logprobs, fixed) -> Iterator[StreamEvent]:
+    def _encode_prompts(self, prompts: List[str], caller: str) -> List[List[int]]:
+        """Each prompt text as tokens after BOS, as Meta's text_completion encodes it."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be a list of strings, e.g. {caller}(['I believe the meaning of life is'])")
+        return [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+
+    def _encode_dialogs(self, dialogs: List[Dialog]) -> Tuple[List[List[int]], List[Optional[str]]]:
+        """Each dialog's prompt tokens, and the fixed answer (Meta's UNSAFE_ERROR) of a Llama 2
+        dialog that contains the chat format's own tags, else None."""
+        prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
+        fixed = [UNSAFE_ERROR if self.formatter.has_special_tags(dialog) else None for dialog in dialogs]
+        return prompt_tokens, fixed
+
+    def _stream(
+        self,
+        prompt_tokens: List[List[int]],
+        temperature: float,
+        top_p: float,
+        max_gen_len: Optional[int],
+        logprobs: bool,
+        fixed: List[Optional[str]],
+    ) -> Iterator[StreamEvent]:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         # Checked here, before the first next(), so bad input fails at the call.
