@@ -116,8 +116,8 @@ class Llama:
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt until a stop token or max_gen_len new tokens (Meta's algorithm).
 
-        All prompts advance together from the shortest one; each step samples one token for every
-        row, so a seed gives the same tokens as Meta's code. Returns the new tokens (with the
+        Each step samples one token for every row in Meta's order, so a seed gives the same tokens
+        as Meta's code (see _Steps for how ragged batches are sped up without changing them). Returns the new tokens (with the
         prompt if echo) and, if logprobs, the log-probability of each returned token.
         """
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
@@ -292,17 +292,23 @@ class Llama:
 
 
 class _Steps:
-    """Meta's generation loop as an iterator: each step writes column cur_pos of tokens (and of
-    token_logprobs) and yields cur_pos. generate drains it; streaming reads each new column, so
-    both draw the same random numbers in the same order.
+    """The generation loop as an iterator over steps (gpt-fast's shape: prefill, then one decode
+    step per new token). Each step samples one token for every row, writes it to `tokens` (and
+    `token_logprobs`) and yields the column written in each row (-1: row finished).
+
+    Meta's loop starts every row at the shortest prompt and feeds the longer prompts through
+    one-token steps, drawing samples it throws away. Rows start at their own prompt end instead
+    whenever that draws the same random numbers as Meta's: always when greedy (no draws), and
+    when all prompts have one length. Sampling a ragged batch keeps Meta's common start, so a
+    seed gives Meta's tokens. generate drains the steps; streaming reads each new column.
     """
 
     def __init__(self, generator: "Llama", prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float, logprobs: bool):
         self.model, self.temperature, self.top_p = generator.model, temperature, top_p
         bsz = len(prompt_tokens)
-        self.min_prompt_len = min(len(t) for t in prompt_tokens)
-        max_prompt_len = max(len(t) for t in prompt_tokens)
-        self.total_len = min(self.model.params.max_seq_len, max_gen_len + max_prompt_len)
+        prompt_lens = [len(t) for t in prompt_tokens]
+        self.min_prompt_len = min(prompt_lens)
+        self.total_len = min(self.model.params.max_seq_len, max_gen_len + max(prompt_lens))
         device = self.model.tok_embeddings.weight.device
 
         self.pad_id = pad_id = generator.tokenizer.pad_id
@@ -312,38 +318,78 @@ class _Steps:
         self.token_logprobs = torch.zeros_like(self.tokens, dtype=torch.float) if logprobs else None
         self.input_text_mask = self.tokens != pad_id
         self.stop_tokens = torch.tensor(sorted(generator.tokenizer.stop_tokens), device=device)
+
+        own_start = temperature == 0 or len(set(prompt_lens)) == 1
+        self.starts = prompt_lens if own_start else [self.min_prompt_len] * bsz
+        # Tokens past prompt + max_gen_len are trimmed from the answer: no need to make them.
+        self.ends = torch.tensor([min(n + max_gen_len, self.total_len) for n in prompt_lens], device=device)
         self._iter = self._loop()
 
     def __iter__(self) -> "_Steps":
         return self
 
-    def __next__(self) -> int:
+    def __next__(self) -> List[int]:
         return next(self._iter)
 
     @torch.inference_mode()
-    def _loop(self) -> Iterator[int]:
-        tokens, token_logprobs, pad_id, input_text_mask = self.tokens, self.token_logprobs, self.pad_id, self.input_text_mask
-        prev_pos = 0
-        eos_reached = torch.tensor([False] * tokens.shape[0], device=tokens.device)
-        if self.min_prompt_len == self.total_len and token_logprobs is not None:
-            # Nothing to generate: score the prompts. (Meta's code scores logits[i] against
-            # token i here; we use token i + 1, as everywhere else.)
-            logits = self.model.forward(tokens, prev_pos)
-            token_logprobs[:, 1:] = _token_logprobs(logits[:, :-1], tokens[:, 1:], pad_id)
-
-        for cur_pos in range(self.min_prompt_len, self.total_len):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
-            next_token = _next_token(logits[:, -1], self.temperature, self.top_p)
-            # A row still inside its prompt keeps the prompt's token.
-            next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
+    def _loop(self) -> Iterator[List[int]]:
+        tokens, token_logprobs, pad_id = self.tokens, self.token_logprobs, self.pad_id
+        if self.min_prompt_len == self.total_len:
             if token_logprobs is not None:
-                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = _token_logprobs(logits, tokens[:, prev_pos + 1 : cur_pos + 1], pad_id)
-            eos_reached |= (~input_text_mask[:, cur_pos]) & torch.isin(next_token, self.stop_tokens)
-            prev_pos = cur_pos
-            yield cur_pos
-            if eos_reached.all():
-                break
+                # Nothing to generate: score the prompts. (Meta's code scores logits[i] against
+                # token i here; we use token i + 1, as everywhere else.)
+                logits = self.model.forward(tokens, 0)
+                token_logprobs[:, 1:] = _token_logprobs(logits[:, :-1], tokens[:, 1:], pad_id)
+            return
+
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        pos = torch.tensor(self.starts, device=tokens.device)  # the column each row fills next
+        eos_reached = torch.zeros_like(pos, dtype=torch.bool)
+        last_logits = self._prefill()
+        while True:
+            active = pos < self.ends
+            next_token = _next_token(last_logits, self.temperature, self.top_p)
+            col = pos.clamp(max=self.total_len - 1)
+            # A row still inside its prompt keeps the prompt's token.
+            next_token = torch.where(self.input_text_mask[rows, col], tokens[rows, col], next_token)
+            tokens[rows[active], pos[active]] = next_token[active]
+            if token_logprobs is not None:
+                logprob = _token_logprobs(last_logits[:, None], next_token[:, None], pad_id)[:, 0]
+                token_logprobs[rows[active], pos[active]] = logprob[active]
+            eos_reached |= active & ~self.input_text_mask[rows, col] & torch.isin(next_token, self.stop_tokens)
+            yield torch.where(active, pos, -1).tolist()
+            if (eos_reached | (pos + 1 >= self.ends)).all():
+                return
+            last_logits = self._decode(next_token, col)
+            pos = pos + 1
+
+    def _prefill(self) -> torch.Tensor:
+        """Run each row's tokens before its start through the model -> last logits (bsz, vocab).
+
+        Rows are prefilled one run of equal starts at a time, so a ragged batch costs its own
+        tokens, not bsz times the longest prompt.
+        """
+        tokens, token_logprobs = self.tokens, self.token_logprobs
+        last = []
+        row = 0
+        while row < len(self.starts):
+            n = self.starts[row]
+            run = 1
+            while row + run < len(self.starts) and self.starts[row + run] == n:
+                run += 1
+            logits = self.model.forward(tokens[row : row + run, :n], 0, first_row=row, last_only=token_logprobs is None)
+            if token_logprobs is not None:
+                token_logprobs[row : row + run, 1:n] = _token_logprobs(logits[:, :-1], tokens[row : row + run, 1:n], self.pad_id)
+            last.append(logits[:, -1])
+            row += run
+        return torch.cat(last)
+
+    def _decode(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token per row at its position -> next logits (bsz, vocab)."""
+        start_pos: Union[int, torch.Tensor] = pos
+        if bool((pos == pos[0]).all()):
+            start_pos = int(pos[0])  # the whole batch at one position: Meta's path, no mask
+        return self.model.forward(token[:, None], start_pos, last_only=True)[:, -1]
 
 
 def _next_token(last_logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

@@ -5,7 +5,7 @@ torchrun job holds the slice of the weights its consolidated.NN.pth shard carrie
 """
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -78,25 +78,18 @@ def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Ten
 
 
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rotate interleaved (even, odd) pairs of q and k, Meta's RoPE layout, in float32."""
+    """Rotate interleaved (even, odd) pairs of q and k, Meta's RoPE layout, in float32.
+
+    freqs_cis is (seqlen, head_dim // 2) for positions shared by the batch, or already
+    (bs, 1, 1, head_dim // 2) when each row is at its own position.
+    """
     xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
     xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    freqs_cis = reshape_for_broadcast(freqs_cis, xq_)
+    if freqs_cis.ndim == 2:
+        freqs_cis = reshape_for_broadcast(freqs_cis, xq_)
     xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
     xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
     return xq_out.type_as(xq), xk_out.type_as(xk)
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(bs, seqlen, n_kv_heads, head_dim) -> (bs, seqlen, n_kv_heads * n_rep, head_dim)"""
-    bs, slen, n_kv_heads, head_dim = x.shape
-    if n_rep == 1:
-        return x
-    return (
-        x[:, :, :, None, :]
-        .expand(bs, slen, n_kv_heads, n_rep, head_dim)
-        .reshape(bs, slen, n_kv_heads * n_rep, head_dim)
-    )
 
 
 class Attention(nn.Module):
@@ -115,12 +108,27 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
 
         # The cache lives in the compute dtype on the compute device from the start (the caller
-        # builds the model under that default device/dtype), so no conversion per forward.
-        cache_shape = (args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim)
+        # builds the model under that default device/dtype), so no conversion per forward. It is
+        # laid out heads-first so that a head's cached keys are one strided block: attention
+        # reads it in place, and each group of n_rep query heads shares its key/value head
+        # instead of copying it n_rep times (Meta's repeat_kv), with the same dot products.
+        cache_shape = (args.max_batch_size, self.n_local_kv_heads, args.max_seq_len, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
         self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
 
-    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        start_pos: Union[int, torch.Tensor],
+        freqs_cis: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        first_row: int = 0,
+    ) -> torch.Tensor:
+        """x (bs, seqlen, dim) at positions start_pos.. of cache rows first_row..first_row + bs.
+
+        start_pos is an int shared by the batch (Meta's), or a (bs,) tensor of per-row positions
+        for one token each; then mask (bs, 1, 1, 1, cache_len) hides each row's future.
+        """
         bsz, seqlen, _ = x.shape
         xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
         xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
@@ -128,21 +136,29 @@ class Attention(nn.Module):
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
 
-        self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
-        self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
-        keys = repeat_kv(self.cache_k[:bsz, : start_pos + seqlen], self.n_rep)  # (bs, cache_len + seqlen, n_local_heads, head_dim)
-        values = repeat_kv(self.cache_v[:bsz, : start_pos + seqlen], self.n_rep)
+        rows = slice(first_row, first_row + bsz)
+        if isinstance(start_pos, int):
+            end = start_pos + seqlen
+            self.cache_k[rows, :, start_pos:end] = xk.transpose(1, 2)
+            self.cache_v[rows, :, start_pos:end] = xv.transpose(1, 2)
+        else:
+            end = mask.shape[-1]
+            row_ids = torch.arange(first_row, first_row + bsz, device=x.device)
+            self.cache_k[row_ids, :, start_pos] = xk[:, 0]
+            self.cache_v[row_ids, :, start_pos] = xv[:, 0]
+        keys = self.cache_k[rows, :, :end]  # (bs, n_local_kv_heads, cache_len + seqlen, head_dim)
+        values = self.cache_v[rows, :, :end]
 
-        xq = xq.transpose(1, 2)  # (bs, n_local_heads, seqlen, head_dim)
-        keys = keys.transpose(1, 2)  # (bs, n_local_heads, cache_len + seqlen, head_dim)
-        values = values.transpose(1, 2)
+        # Query heads grouped by the key/value head they share: (bs, n_local_kv_heads, n_rep * seqlen, head_dim)
+        xq = xq.view(bsz, seqlen, self.n_local_kv_heads, self.n_rep, self.head_dim).permute(0, 2, 3, 1, 4)
+        xq = xq.reshape(bsz, self.n_local_kv_heads, self.n_rep * seqlen, self.head_dim)
         scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
         if mask is not None:
-            scores = scores + mask  # (bs, n_local_heads, seqlen, cache_len + seqlen)
-        scores = F.softmax(scores.float(), dim=-1).type_as(xq)
-        output = torch.matmul(scores, values)  # (bs, n_local_heads, seqlen, head_dim)
-        output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
-        return self.wo(output)
+            scores = scores.view(bsz, self.n_local_kv_heads, self.n_rep, seqlen, end) + mask
+        scores = F.softmax(scores.float(), dim=-1).type_as(xq).view(bsz, self.n_local_kv_heads, self.n_rep * seqlen, end)
+        output = torch.matmul(scores, values)  # (bs, n_local_kv_heads, n_rep * seqlen, head_dim)
+        output = output.view(bsz, self.n_local_kv_heads, self.n_rep, seqlen, self.head_dim).permute(0, 3, 1, 2, 4)
+        return self.wo(output.reshape(bsz, seqlen, -1))
 
 
 class FeedForward(nn.Module):
@@ -175,8 +191,10 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+    def forward(
+        self, x: torch.Tensor, start_pos: Union[int, torch.Tensor], freqs_cis: torch.Tensor, mask: Optional[torch.Tensor], first_row: int = 0
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, first_row)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -199,24 +217,39 @@ class Transformer(nn.Module):
         )
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], *, first_row: int = 0, last_only: bool = False
+    ) -> torch.Tensor:
         """tokens (bsz, seqlen) at positions start_pos.. -> float32 logits (bsz, seqlen, vocab_size).
 
-        Keys and values of these positions are written to the cache; earlier ones are read from it.
+        Keys and values of these positions are written to cache rows first_row..first_row + bsz;
+        earlier ones are read from them. start_pos may also be a (bsz,) tensor of per-row
+        positions when seqlen is 1 (rows of a batch at different lengths). last_only: logits of
+        the last position only (bsz, 1, vocab_size), all that sampling needs.
         """
-        _bsz, seqlen = tokens.shape
+        bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens)
         self.freqs_cis = self.freqs_cis.to(h.device)
-        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
 
         mask = None
-        if seqlen > 1:
-            mask = torch.full((seqlen, seqlen), float("-inf"), device=tokens.device)
-            mask = torch.triu(mask, diagonal=1)
-            # Cached positions are all visible: (seqlen, start_pos + seqlen)
-            mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask]).type_as(h)
+        if isinstance(start_pos, int):
+            freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
+            if seqlen > 1:
+                mask = torch.full((seqlen, seqlen), float("-inf"), device=tokens.device)
+                mask = torch.triu(mask, diagonal=1)
+                # Cached positions are all visible: (seqlen, start_pos + seqlen)
+                mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask]).type_as(h)
+        else:
+            freqs_cis = self.freqs_cis[start_pos].view(bsz, 1, 1, -1)
+            # Each row sees its cache up to its own position: (bsz, 1, 1, 1, max position + 1)
+            keys = torch.arange(int(start_pos.max()) + 1, device=tokens.device)
+            mask = torch.zeros(bsz, keys.numel(), device=tokens.device, dtype=h.dtype)
+            mask.masked_fill_(keys[None, :] > start_pos[:, None], float("-inf"))
+            mask = mask.view(bsz, 1, 1, 1, -1)
 
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask)
+            h = layer(h, start_pos, freqs_cis, mask, first_row)
+        if last_only:
+            h = h[:, -1:]
         h = self.norm(h)
         return self.output(h).float()

@@ -70,18 +70,17 @@ def stream_steps(
     for i in range(len(prompt_lens)):
         if max_gen_len == 0 or prompt_lens[i] >= steps.total_len:
             yield close(i, None, None)
-    for cur_pos in steps:
-        column = steps.tokens[:, cur_pos].tolist()
-        column_logprobs = steps.token_logprobs[:, cur_pos].tolist() if logprobs else None
-        for i, token in enumerate(column):
-            if done[i] or cur_pos < prompt_lens[i]:
-                continue
-            logprob = column_logprobs[i] if logprobs else None
+    for columns in steps:
+        for i, col in enumerate(columns):
+            if done[i] or col < prompt_lens[i]:
+                continue  # finished, or still inside its prompt (col -1: nothing written)
+            token = int(steps.tokens[i, col])
+            logprob = float(steps.token_logprobs[i, col]) if logprobs else None
             if token in tokenizer.stop_tokens:
                 yield close(i, None, None)
                 continue
             text = decoders[i].push(token) if fixed_answers[i] is None else ""
-            if cur_pos + 1 - prompt_lens[i] >= max_gen_len or cur_pos + 1 >= steps.total_len:
+            if col + 1 - prompt_lens[i] >= max_gen_len or col + 1 >= steps.total_len:
                 yield close(i, token, logprob, text)
             else:
                 yield StreamEvent(i, text, token, logprob, False)

@@ -76,6 +76,24 @@ def test_seeded_sampling_draws_as_meta(llama3):
     assert tokens == ref_tokens
 
 
+def test_seeded_sampling_of_equal_length_prompts_draws_as_meta(llama3):
+    prompts = encode_all(llama3, ["one two three", "four five six"])
+    assert len(prompts[0]) == len(prompts[1])
+    torch.manual_seed(3)
+    tokens, _ = llama3.generate(prompts, max_gen_len=8, temperature=0.8, top_p=0.9)
+    torch.manual_seed(3)
+    ref_tokens, _ = reference_generate(llama3, prompts, max_gen_len=8, temperature=0.8, top_p=0.9)
+    assert tokens == ref_tokens
+
+
+def test_ragged_greedy_logprobs_equal_separate_runs(llama3):
+    prompts = encode_all(llama3, RAGGED)
+    _, together = llama3.generate(prompts, max_gen_len=5, temperature=0, logprobs=True, echo=True)
+    alone = [llama3.generate([p], max_gen_len=5, temperature=0, logprobs=True, echo=True)[1][0] for p in prompts]
+    for got, want in zip(together, alone):
+        assert got == pytest.approx(want, abs=1e-4)
+
+
 def test_seed_makes_sampling_reproducible(llama3):
     prompts = encode_all(llama3, RAGGED[:2])
     runs = []

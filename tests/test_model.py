@@ -90,6 +90,27 @@ def test_cached_decode_equals_full_recompute(model_parallel):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_rows_at_their_own_positions_equal_each_row_alone(model_parallel):
+    model = tiny_model()
+    lengths = [5, 11, 8]
+    tokens = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(2))
+    alone = [model.forward(tokens[i : i + 1, : n + 1], 0)[0, -1] for i, n in enumerate(lengths)]
+    for i, n in enumerate(lengths):
+        model.forward(tokens[i : i + 1, :n], 0, first_row=i)
+    positions = torch.tensor(lengths)
+    together = model.forward(tokens[torch.arange(3), positions][:, None], positions)
+    torch.testing.assert_close(together[:, 0], torch.stack(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_last_only_logits_are_the_last_position(model_parallel):
+    model = tiny_model()
+    tokens = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    full = model.forward(tokens, 0)
+    last = model.forward(tokens, 0, last_only=True)
+    assert last.shape == (2, 1, VOCAB)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+
+
 def test_rope_frequencies_follow_the_formula():
     dim, end, theta = 16, 5, 10000.0
     freqs = precompute_freqs_cis(dim, end, theta)
