@@ -80,12 +80,10 @@ class ChatSession:
         self.stdin = sys.stdin if stdin is None else stdin
         self.stdout = sys.stdout if stdout is None else stdout
         self.history: List[Message] = []
-        self.system_prompt: Optional[str] = None
-        if system_prompt:
-            error = self._system_prompt_error(system_prompt)
-            if error:
-                raise ValueError(f"system_prompt: {error}")
-            self.system_prompt = system_prompt.strip()
+        self.system_prompt = (system_prompt or "").strip() or None
+        error = self._system_prompt_error(self.system_prompt) if self.system_prompt else None
+        if error:
+            raise ValueError(f"system_prompt: {error}")
         self.distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.reads_input = not dist.is_initialized() or dist.get_rank() == 0
 
