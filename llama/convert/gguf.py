@@ -1,0 +1,212 @@
+"""llama.cpp GGUF files of Llama-architecture models, read as params.json values and Meta-named tensors.
+
+Hyper-parameters come from the `llama.*` metadata; tensors are memory-mapped by the `gguf`
+package's reader and dequantized one at a time with `gguf.quants.dequantize`. llama.cpp keeps q/k
+in Meta's interleaved RoPE layout, so no rows are permuted. GGUF lists a tensor's dimensions
+fastest-varying first (ne0 = row length), the reverse of torch's shape.
+
+`gguf` is an optional dependency (`pip install -e ".[demo]"`), imported only when a GGUF is read.
+"""
+
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from llama.checkpoint import CheckpointError
+from llama.convert.meta import MetaTensors, TensorSpec, check_shapes, ordered_params, solve_ffn
+
+_TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight", "output.weight": "output.weight"}
+_LAYER_NAMES = {
+    "attn_q.weight": "attention.wq.weight",
+    "attn_k.weight": "attention.wk.weight",
+    "attn_v.weight": "attention.wv.weight",
+    "attn_output.weight": "attention.wo.weight",
+    "ffn_gate.weight": "feed_forward.w1.weight",
+    "ffn_down.weight": "feed_forward.w2.weight",
+    "ffn_up.weight": "feed_forward.w3.weight",
+    "attn_norm.weight": "attention_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+}
+_GGUF_LAYER = re.compile(r"blk\.(\d+)\.(.+)")
+_META_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+# llama.cpp stores Llama 3.1's RoPE scaling as per-frequency divisors in this tensor.
+ROPE_FREQS = "rope_freqs.weight"
+
+_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_REQUIRED = object()
+
+
+def import_gguf():
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("reading GGUF files needs the gguf package: pip install -e '.[demo]' (or pip install gguf)") from e
+    return gguf
+
+
+def meta_name(gguf_name: str) -> Optional[str]:
+    """Meta's state_dict key for a llama.cpp tensor name, None if it is not a Llama weight."""
+    if gguf_name in _TOP_NAMES:
+        return _TOP_NAMES[gguf_name]
+    match = _GGUF_LAYER.fullmatch(gguf_name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    return None
+
+
+def gguf_name(meta_key: str) -> str:
+    for theirs, ours in _TOP_NAMES.items():
+        if ours == meta_key:
+            return theirs
+    match = _META_LAYER.fullmatch(meta_key)
+    if match:
+        for theirs, ours in _LAYER_NAMES.items():
+            if ours == match.group(2):
+                return f"blk.{match.group(1)}.{theirs}"
+    return meta_key
+
+
+def read_gguf_as_meta(path: Path) -> Tuple[Dict[str, Any], MetaTensors]:
+    """params.json values and Meta-named full tensors of a Llama GGUF file.
+
+    Float tensors keep their dtype (F32, F16, BF16); quantized ones are dequantized to float32.
+    Raises CheckpointError for another architecture, settings our model does not implement,
+    unknown tensors or a quantization type the gguf package cannot dequantize.
+    """
+    gguf = import_gguf()
+    try:
+        reader = gguf.GGUFReader(path, "c")  # copy-on-write: torch gets writable arrays, the file stays untouched
+    except (ValueError, OSError, KeyError, IndexError) as e:
+        raise CheckpointError(f"cannot read {path} as a GGUF file: {e}; is the download complete?") from e
+
+    def field(key: str, default: Any = _REQUIRED) -> Any:
+        if key not in reader.fields:
+            if default is _REQUIRED:
+                raise CheckpointError(f"{path} lacks the metadata {key!r}, which a Llama GGUF file has")
+            return default
+        return reader.fields[key].contents()
+
+    architecture = field("general.architecture")
+    if architecture != "llama":
+        raise CheckpointError(f"{path}: general.architecture = {architecture!r}; only 'llama' GGUF files can be converted")
+    tensors = {t.name: t for t in reader.tensors}
+    params = _params(path, field, tensors)
+
+    names: Dict[str, str] = {}
+    unknown = []
+    for name in tensors:
+        key = meta_name(name)
+        if key is not None:
+            names[key] = name
+        elif name != ROPE_FREQS:
+            unknown.append(name)
+    if unknown:
+        raise CheckpointError(f"{path}: tensors that a Llama model does not have, e.g. {unknown[:3]}")
+    _check_types(gguf, path, [tensors[n] for n in names.values()])
+    specs: Dict[str, TensorSpec] = {}
+    for key, name in names.items():
+        t = tensors[name]
+        specs[key] = (_FLOAT_TYPES.get(t.tensor_type.name, torch.float32), tuple(reversed([int(d) for d in t.shape])))
+    check_shapes(params, specs, str(path), lambda key: names.get(key) or gguf_name(key))
+
+    def load(key: str) -> torch.Tensor:
+        return _to_torch(gguf, tensors[names[key]], specs[key][1])
+
+    return params, MetaTensors(specs, load, str(path))
+
+
+def _params(path: Path, field, tensors: Dict[str, Any]) -> Dict[str, Any]:
+    def refuse(key: str, value: Any, why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {key} = {value!r}: {why}")
+
+    experts = field("llama.expert_count", 0)
+    if experts:
+        raise refuse("llama.expert_count", experts, "mixture-of-experts models are not Meta's Llama")
+    dim = int(field("llama.embedding_length"))
+    n_heads = field("llama.attention.head_count")
+    n_kv_heads = field("llama.attention.head_count_kv", n_heads)
+    for key, value in (("llama.attention.head_count", n_heads), ("llama.attention.head_count_kv", n_kv_heads)):
+        if not isinstance(value, int):
+            raise refuse(key, value, "a different head count per layer is not Meta's Llama")
+    if dim % n_heads or (dim // n_heads) % 2 or n_heads % n_kv_heads:
+        raise refuse("llama.attention.head_count", n_heads, f"with embedding_length {dim} and head_count_kv {n_kv_heads} the heads do not split evenly")
+    head_dim = dim // n_heads
+    for key in ("llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"):
+        value = field(key, head_dim)
+        if value != head_dim:
+            raise refuse(key, value, f"Meta's Llama uses embedding_length / head_count = {head_dim}")
+    scaling = field("llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise refuse("llama.rope.scaling.type", scaling, "only unscaled RoPE and Llama 3.1's scaling (rope_freqs) are implemented")
+
+    theta = _float32(field("llama.rope.freq_base", 10000.0))
+    vocab_size = field("llama.vocab_size", None)
+    if vocab_size is None:
+        vocab_size = len(field("tokenizer.ggml.tokens", [])) or int(tensors["token_embd.weight"].shape[1])
+    multiple_of, ffn_dim_multiplier = solve_ffn(dim, int(field("llama.feed_forward_length")))
+    return ordered_params(
+        {
+            "dim": dim,
+            "n_layers": int(field("llama.block_count")),
+            "n_heads": n_heads,
+            "n_kv_heads": n_kv_heads,
+            "vocab_size": int(vocab_size),
+            "multiple_of": multiple_of,
+            "ffn_dim_multiplier": ffn_dim_multiplier,
+            "norm_eps": _float32(field("llama.attention.layer_norm_rms_epsilon")),
+            "rope_theta": theta,
+            "use_scaled_rope": _uses_llama31_scaling(path, tensors.get(ROPE_FREQS), head_dim, theta),
+        }
+    )
+
+
+def _uses_llama31_scaling(path: Path, rope_freqs: Any, head_dim: int, theta: float) -> bool:
+    """Whether rope_freqs (if any) holds exactly the divisors of llama/model.py's apply_scaling."""
+    if rope_freqs is None:
+        return False
+    from llama.model import apply_scaling
+
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    expected = freqs / apply_scaling(freqs)
+    seen = torch.from_numpy(rope_freqs.data.astype("float32")).reshape(-1)
+    if seen.shape != expected.shape or not torch.allclose(seen, expected, rtol=1e-4):
+        raise CheckpointError(
+            f"{path}: {ROPE_FREQS} holds RoPE scaling factors other than Llama 3.1's (factor 8, low 1, high 4, "
+            "original context 8192), which is the only scaling implemented here"
+        )
+    return True
+
+
+def _check_types(gguf, path: Path, tensors) -> None:
+    """Every tensor is a float type or a quantization the gguf package dequantizes (tried on one row)."""
+    tried = set()
+    for t in tensors:
+        kind = t.tensor_type
+        if kind.name in _FLOAT_TYPES or kind in tried:
+            continue
+        try:
+            gguf.quants.dequantize(t.data.reshape(-1, t.data.shape[-1])[:1], kind)
+        except (NotImplementedError, ValueError, KeyError) as e:
+            raise CheckpointError(
+                f"{path}: tensor {t.name} has type {kind.name}, which the installed gguf package cannot dequantize ({e}); "
+                "use a file with another quantization (e.g. Q8_0, Q4_K, Q6_K, F16) or upgrade gguf"
+            ) from e
+        tried.add(kind)
+
+
+def _to_torch(gguf, t, shape: Tuple[int, ...]) -> torch.Tensor:
+    kind = t.tensor_type.name
+    if kind == "BF16":  # the reader gives raw bytes
+        return torch.from_numpy(t.data.reshape(-1)).view(torch.bfloat16).reshape(shape)
+    if kind in _FLOAT_TYPES:
+        return torch.from_numpy(t.data).reshape(shape)
+    return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(shape)
+
+
+def _float32(value: float) -> float:
+    """GGUF stores floats as float32: 1e-5 reads back as 9.99999974e-06; keep the value that was meant."""
+    import numpy as np
+
+    return float(str(np.float32(value)))
