@@ -23,6 +23,7 @@ def main(
     model_parallel_size: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    weight_format: Optional[str] = None,
     stream: bool = False,
 ):
     """
@@ -30,6 +31,7 @@ def main(
     message, and always ending with the user. `max_gen_len` is optional because chat models stop
     by themselves. Dialogs are answered in batches of `max_batch_size`.
     `device` (cuda, cpu, mps) and `dtype` (bf16, fp16, fp32) override the automatic choice.
+    `weight_format` (bf16, int8) stores the weights compactly: faster decoding, close but not exact.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     generator = Llama.build(
@@ -40,6 +42,7 @@ def main(
         model_parallel_size=model_parallel_size,
         device=device,
         dtype=dtype,
+        weight_format=weight_format,
     )
 
     dialogs: List[Dialog] = [

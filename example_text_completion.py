@@ -23,12 +23,14 @@ def main(
     model_parallel_size: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    weight_format: Optional[str] = None,
     stream: bool = False,
 ):
     """
     Pretrained (not chat-tuned) models continue text: each prompt is the start of a text.
     `max_gen_len` bounds the continuation, since pretrained models rarely stop by themselves.
     `device` (cuda, cpu, mps) and `dtype` (bf16, fp16, fp32) override the automatic choice.
+    `weight_format` (bf16, int8) stores the weights compactly: faster decoding, close but not exact.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     generator = Llama.build(
@@ -39,6 +41,7 @@ def main(
         model_parallel_size=model_parallel_size,
         device=device,
         dtype=dtype,
+        weight_format=weight_format,
     )
 
     prompts: List[str] = [

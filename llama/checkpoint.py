@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from llama.linear import LocalProduct, pack_weight
+
 logger = logging.getLogger(__name__)
 
 # Real Llama 2 shards carry this precomputed RoPE table, which the model computes itself.
@@ -158,10 +160,19 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
-def load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: Path, device: torch.device, dtype: torch.dtype) -> None:
-    """Put the shard's tensors into model in place of its parameters, converted to (device, dtype).
+def load_into(
+    model: nn.Module,
+    state_dict: Dict[str, torch.Tensor],
+    path: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    weight_format: Optional[str] = None,
+) -> None:
+    """Put the shard's tensors into model in place of its parameters, converted to (device, dtype),
+    and the linear layers' weights to weight_format if given (see llama.linear).
 
-    Parameters are swapped (assign=True), not copied into, so the weights exist once in memory.
+    Parameters are swapped (assign=True), not copied into, so the weights exist once in memory;
+    each is converted straight from the memory-mapped shard to its final format.
     """
     expected = model.state_dict()
     if "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict:
@@ -187,5 +198,12 @@ def load_into(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: Path,
         raise CheckpointError(
             f"{path} does not match params.json and the model-parallel size: " + "; ".join(mismatched[:3])
         )
-    converted = {k: state_dict[k].to(device=device, dtype=dtype) for k in expected}
+    linears = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, LocalProduct)}
+    converted = {}
+    for k in expected:
+        if weight_format is not None and k in linears:
+            converted[k], linears[k].weight_scale = pack_weight(state_dict[k], weight_format, device)
+        else:
+            converted[k] = state_dict[k].to(device=device, dtype=dtype)
+    model.requires_grad_(False)  # inference only; lets int8 weights be parameters
     model.load_state_dict(converted, strict=True, assign=True)

@@ -20,6 +20,7 @@ from llama.distributed import (
     select_device,
     select_dtype,
 )
+from llama.linear import check_weight_format
 from llama.model import Transformer
 from llama.stream import StreamEvent, stream_steps
 from llama.tokenizer import Tokenizer
@@ -57,14 +58,19 @@ class Llama:
         *,
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
+        weight_format: Optional[str] = None,
     ) -> "Llama":
         """Load a Meta checkpoint folder and its tokenizer; one process per consolidated.NN.pth shard.
 
-        device defaults to this process's GPU, else the CPU; dtype to bf16 on GPUs that have it
-        (fp16 otherwise) and float32 on the CPU. All inputs are checked before any weight is read.
+        device defaults to this process's GPU, else the CPU; dtype (the compute dtype) to bf16 on
+        GPUs that have it (fp16 otherwise) and float32 on the CPU. weight_format stores the linear
+        layers' weights compactly for faster decoding, at some accuracy: "bf16" or "int8" (per
+        output channel); None keeps Meta's exact numerics (see llama.linear). All inputs are
+        checked before any weight is read.
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len and max_batch_size must be positive, got {max_seq_len} and {max_batch_size}")
+        check_weight_format(weight_format)
         shards = checkpoint_paths(ckpt_dir)
         params = read_params(ckpt_dir)
         tokenizer = Tokenizer(model_path=tokenizer_path)
@@ -94,9 +100,12 @@ class Llama:
         _check_embedding_shape(checkpoint, model_args, mp_size, ckpt_path, tokenizer_path)
         with default_device_and_dtype(device, dtype):
             model = Transformer(model_args)
-        load_into(model, checkpoint, ckpt_path, device, dtype)
+        load_into(model, checkpoint, ckpt_path, device, dtype, weight_format)
         del checkpoint
-        logger.info("Loaded %s in %.2f seconds (%s, %s)", ckpt_dir, time.time() - start_time, device, dtype)
+        logger.info(
+            "Loaded %s in %.2f seconds (%s, %s%s)", ckpt_dir, time.time() - start_time, device, dtype,
+            f", {weight_format} weights" if weight_format else "",
+        )
         return Llama(model, tokenizer)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):

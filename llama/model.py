@@ -10,15 +10,11 @@ from typing import Optional, Tuple, Union
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.layers import (
-    ColumnParallelLinear,
-    ParallelEmbedding,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-)
+from fairscale.nn.model_parallel.layers import ParallelEmbedding, VocabParallelEmbedding
 from torch import nn
 
 from llama.args import ModelArgs
+from llama.linear import ColumnParallelLinear, RowParallelLinear
 
 __all__ = ["ModelArgs", "Transformer", "precompute_freqs_cis"]
 

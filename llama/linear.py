@@ -1,0 +1,100 @@
+"""fairscale's model-parallel linear layers, with a choice of how the local weight is stored.
+
+The layers keep fairscale's parameters, sharding and collectives; only the product with the
+local weight changes, so that a model can be loaded in a compact, lossy weight format:
+
+- exact (None): weights in the compute dtype, Meta's numerics.
+- "bf16": weights stored in bfloat16 (half of fp32's bytes), activations in the compute dtype.
+  A decode step (a few rows) multiplies in bf16, which streams half the bytes; a prefill
+  (many rows) upcasts the weight, because bf16 matrix products are slow on many CPUs.
+- "int8": symmetric int8 per output channel with a float scale (a quarter of fp32's bytes). On
+  the CPU a decode step uses torch's int8 weight-only kernel (activations rounded to bf16);
+  elsewhere, and for a prefill, the weight is dequantized on the fly.
+"""
+
+from typing import Optional, Tuple
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import fairscale.nn.model_parallel.layers as fs_layers
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.mappings import (
+    gather_from_model_parallel_region,
+    reduce_from_model_parallel_region,
+    scatter_to_model_parallel_region,
+)
+
+WEIGHT_FORMATS = ("bf16", "int8")
+
+# Up to this many rows a product is bound by reading the weight (a decode step): use the compact
+# weight as is. More rows (a prefill) are bound by arithmetic: compute in the activations' dtype.
+DECODE_ROWS = 16
+
+
+def check_weight_format(weight_format: Optional[str]) -> None:
+    if weight_format is not None and weight_format not in WEIGHT_FORMATS:
+        raise ValueError(
+            f"unknown weight_format {weight_format!r}: use None (exact, Meta's numerics), 'bf16' or 'int8'"
+        )
+
+
+def pack_weight(weight: torch.Tensor, weight_format: str, device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A checkpoint weight (out, in) in the given format -> (stored weight, per-row scale or None)."""
+    if weight_format == "bf16":
+        return weight.to(device=device, dtype=torch.bfloat16), None
+    w = weight.to(device=device, dtype=torch.float32)
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class LocalProduct(torch.nn.Module):
+    """x @ W.T with this process's slice of the weight, in whichever format it is stored.
+
+    `weight_scale` (a buffer outside the state_dict) is set by checkpoint.load_into for int8.
+    """
+
+    weight: torch.Tensor
+    weight_scale: Optional[torch.Tensor]
+
+    def local_product(self, x: torch.Tensor) -> torch.Tensor:
+        w, scale = self.weight, self.weight_scale
+        rows = x.numel() // x.shape[-1]
+        if scale is not None:
+            if rows <= DECODE_ROWS and x.device.type == "cpu":
+                y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), w, scale.to(torch.bfloat16))
+                return y.to(x.dtype).view(*x.shape[:-1], -1)
+            return F.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
+        if w.dtype != x.dtype:
+            if rows <= DECODE_ROWS:
+                return F.linear(x.to(w.dtype), w).to(x.dtype)
+            return F.linear(x, w.to(x.dtype))
+        return F.linear(x, w)
+
+
+class ColumnParallelLinear(LocalProduct, fs_layers.ColumnParallelLinear):
+    """fairscale's ColumnParallelLinear (inference only: no bias, no backward)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("weight_scale", None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.local_product(x)
+        return gather_from_model_parallel_region(y) if self.gather_output else y
+
+
+class RowParallelLinear(LocalProduct, fs_layers.RowParallelLinear):
+    """fairscale's RowParallelLinear (inference only: no bias, no backward)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("weight_scale", None, persistent=False)
+        # A world of one has nothing to add up: skip the collective's call overhead every step.
+        self.reduce = fs_init.get_model_parallel_world_size() > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_model_parallel_region(x)
+        y = self.local_product(x)
+        return reduce_from_model_parallel_region(y) if self.reduce else y

@@ -1,0 +1,77 @@
+"""Opt-in compact weight formats (Llama.build(weight_format=...)): smaller weights, close logits."""
+
+import pytest
+import torch
+
+from llama import Llama
+from llama.linear import DECODE_ROWS, LocalProduct
+
+PROMPT_ROWS = DECODE_ROWS + 8  # long enough to take the prefill path
+
+
+@pytest.fixture(scope="module", params=["bf16", "int8"])
+def compact(request, llama3_ckpt, llama3_tokenizer_path) -> Llama:
+    return Llama.build(str(llama3_ckpt), str(llama3_tokenizer_path), max_seq_len=64, max_batch_size=2, weight_format=request.param)
+
+
+def linear_weights(generator: Llama):
+    return [m.weight for m in generator.model.modules() if isinstance(m, LocalProduct)]
+
+
+def tokens(n: int) -> torch.Tensor:
+    return torch.randint(0, 128256, (2, n), generator=torch.Generator().manual_seed(n))
+
+
+# Largest logit error allowed, as a fraction of the largest logit. int8 decoding also rounds
+# activations and products to bf16 (torch's int8 kernel), hence its wider bound.
+TOLERANCE = {"bf16": 0.02, "int8": 0.05}
+
+
+def weight_format(generator: Llama) -> str:
+    return "bf16" if generator.model.layers[0].attention.wq.weight_scale is None else "int8"
+
+
+def assert_close_logits(generator: Llama, got: torch.Tensor, want: torch.Tensor) -> None:
+    # Random weights leave many near-ties among 128256 logits, so argmax agreement is the
+    # benchmark's job (on a trained model); here the error must be small against the scale.
+    assert (got - want).abs().max() <= TOLERANCE[weight_format(generator)] * want.abs().max()
+
+
+def test_linear_weights_are_stored_in_the_format(compact):
+    expected = {"bf16": torch.bfloat16, "int8": torch.int8}[weight_format(compact)]
+    assert {w.dtype for w in linear_weights(compact)} == {expected}
+
+
+def test_other_weights_keep_the_compute_dtype(compact):
+    assert compact.model.tok_embeddings.weight.dtype == torch.float32
+    assert compact.model.norm.weight.dtype == torch.float32
+
+
+def test_prefill_logits_are_close_to_exact(compact, llama3):
+    x = tokens(PROMPT_ROWS)
+    assert_close_logits(compact, compact.model.forward(x, 0), llama3.model.forward(x, 0))
+
+
+def test_decode_logits_are_close_to_exact(compact, llama3):
+    x = tokens(5)
+    compact.model.forward(x[:, :4], 0)
+    llama3.model.forward(x[:, :4], 0)
+    assert_close_logits(compact, compact.model.forward(x[:, 4:], 4), llama3.model.forward(x[:, 4:], 4))
+
+
+def test_generation_runs_to_max_gen_len(compact):
+    prompts = [compact.tokenizer.encode("The capital of France is", bos=True, eos=False)]
+    out, _ = compact.generate(prompts, max_gen_len=6, temperature=0)
+    assert 0 < len(out[0]) <= 6
+
+
+def test_int8_weights_take_a_quarter_of_fp32(llama3_ckpt, llama3_tokenizer_path, llama3):
+    int8 = Llama.build(str(llama3_ckpt), str(llama3_tokenizer_path), max_seq_len=64, max_batch_size=2, weight_format="int8")
+    fp32_bytes = sum(w.numel() * w.element_size() for w in linear_weights(llama3))
+    int8_bytes = sum(w.numel() * w.element_size() for w in linear_weights(int8))
+    assert int8_bytes * 4 == fp32_bytes
+
+
+def test_unknown_weight_format_is_named(llama3_ckpt, llama3_tokenizer_path):
+    with pytest.raises(ValueError, match="unknown weight_format 'int4'.*'bf16' or 'int8'"):
+        Llama.build(str(llama3_ckpt), str(llama3_tokenizer_path), max_seq_len=64, max_batch_size=2, weight_format="int4")
