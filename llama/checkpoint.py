@@ -5,9 +5,12 @@ are memory-mapped with weights_only=True: no pickle code runs, and tensors alrea
 dtype on the CPU are used in place instead of being copied.
 """
 
+import ctypes
 import json
 import logging
+import mmap
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -201,9 +204,46 @@ def load_into(
     linears = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, LocalProduct)}
     converted = {}
     for k in expected:
+        source = state_dict[k]
         if weight_format is not None and k in linears:
-            converted[k], linears[k].weight_scale = pack_weight(state_dict[k], weight_format, device)
+            converted[k], linears[k].weight_scale = pack_weight(source, weight_format, device)
         else:
-            converted[k] = state_dict[k].to(device=device, dtype=dtype)
+            converted[k] = source.to(device=device, dtype=dtype)
+        if converted[k].untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
+            _page_out(source)
     model.requires_grad_(False)  # inference only; lets int8 weights be parameters
     model.load_state_dict(converted, strict=True, assign=True)
+
+
+_MADV_PAGEOUT = 21  # Linux 5.4+
+
+
+def _page_out(t: torch.Tensor) -> None:
+    """Ask the kernel to drop a converted source tensor's pages from this process's memory.
+
+    The source is a memory-mapped shard: its pages, once read, would stay resident beside the
+    converted copy until the whole file is unmapped (1.5x the weights when bf16 becomes fp32).
+    MADV_PAGEOUT only reclaims (clean file pages are re-read if touched again), so it is safe for
+    any tensor; where it is unsupported (not Linux, old kernel) nothing happens.
+    """
+    if t.device.type != "cpu" or _libc is None:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+
+
+def _load_libc() -> Optional[ctypes.CDLL]:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_libc = _load_libc()

@@ -77,7 +77,7 @@ class ColumnParallelLinear(LocalProduct, fs_layers.ColumnParallelLinear):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.register_buffer("weight_scale", None, persistent=False)
+        _untouched_weight(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.local_product(x)
@@ -89,7 +89,7 @@ class RowParallelLinear(LocalProduct, fs_layers.RowParallelLinear):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.register_buffer("weight_scale", None, persistent=False)
+        _untouched_weight(self)
         # A world of one has nothing to add up: skip the collective's call overhead every step.
         self.reduce = fs_init.get_model_parallel_world_size() > 1
 
@@ -98,3 +98,14 @@ class RowParallelLinear(LocalProduct, fs_layers.RowParallelLinear):
             x = scatter_to_model_parallel_region(x)
         y = self.local_product(x)
         return reduce_from_model_parallel_region(y) if self.reduce else y
+
+
+def _untouched_weight(layer: LocalProduct) -> None:
+    """Replace the weight fairscale just filled (with more than one process it copies a slice of
+    an uninitialized master weight into it) by untouched memory, and add the int8 scale slot.
+
+    The checkpoint overwrites every weight, so this keeps the garbage copy from adding a whole
+    shard to the resident memory before loading.
+    """
+    layer.weight = torch.nn.Parameter(torch.empty_like(layer.weight), requires_grad=False)
+    layer.register_buffer("weight_scale", None, persistent=False)
