@@ -99,6 +99,14 @@ def test_smollm2_metadata_maps_to_its_model_card(smollm2_path):
     assert tensors.tied and tensors.spec("tok_embeddings.weight") == (torch.float32, (49152, 576))
 
 
+def test_smollm2_converts_to_a_meta_folder_with_its_tokenizer(smollm2_path, tmp_path):
+    out = convert_to_meta(smollm2_path, tmp_path / "smollm2", dtype="bf16")
+    assert {"params.json", "consolidated.00.pth", "checklist.chk", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert read_params(str(out))["vocab_size"] == 49152
+    shard = load_shard(out / "consolidated.00.pth")
+    assert "output.weight" not in shard and shard["tok_embeddings.weight"].dtype == torch.bfloat16
+
+
 # --- tiny GGUF files written here ---
 
 

@@ -135,6 +135,56 @@ def test_dtype_option_converts_every_weight(hf_folders, tmp_path):
     assert {t.dtype for t in load_shard(out / "consolidated.00.pth").values()} == {torch.bfloat16}
 
 
+# --- with the tokenizer: its family decides Meta's layout ---
+
+
+@pytest.fixture(scope="module")
+def hf_with_tokenizer(tmp_path_factory, llama2_tokenizer_path, llama3_tokenizer_path):
+    """family -> (folder, model): tiny models with the real Llama 2 / Llama 3 vocabularies and tokenizer.model."""
+    folders = {}
+    for family, tokenizer_path, vocab in (("llama2", llama2_tokenizer_path, 32000), ("llama3", llama3_tokenizer_path, 128256)):
+        torch.manual_seed(len(folders))
+        model = transformers.LlamaForCausalLM(hf_config(vocab_size=vocab)).eval()
+        folder = tmp_path_factory.mktemp(f"hf-{family}")
+        model.save_pretrained(folder)
+        (folder / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+        folders[family] = (folder, model)
+    return folders
+
+
+def test_a_folder_without_tokenizer_files_fails_and_leaves_no_output(hf_folders, tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither tokenizer.model nor tokenizer.json"):
+        convert_to_meta(hf_folders["gqa"][0], tmp_path / "meta")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_llama2_tokenizer_gives_metas_llama2_params_and_embedding_split(hf_with_tokenizer, tmp_path):
+    out = convert_to_meta(hf_with_tokenizer["llama2"][0], tmp_path / "meta", model_parallel_size=2)
+    assert json.loads((out / "params.json").read_text()) == {
+        "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": -1, "multiple_of": 16, "norm_eps": 1e-5,
+    }  # fmt: skip
+    assert load_shard(out / "consolidated.00.pth")["tok_embeddings.weight"].shape == (32000, 32)
+    assert sorted(p.name for p in out.iterdir()) == ["checklist.chk", "consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
+
+
+def test_a_llama3_tokenizer_gives_metas_llama3_params_and_embedding_split(hf_with_tokenizer, tmp_path):
+    out = convert_to_meta(hf_with_tokenizer["llama3"][0], tmp_path / "meta", model_parallel_size=2)
+    params = json.loads((out / "params.json").read_text())
+    assert (params["vocab_size"], params["rope_theta"]) == (128256, 10000.0)
+    assert load_shard(out / "consolidated.00.pth")["tok_embeddings.weight"].shape == (64128, 64)
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3"])
+def test_converted_folder_loads_with_llama_build_and_gives_transformers_logits(hf_with_tokenizer, tmp_path, family):
+    from llama import Llama
+
+    folder, hf = hf_with_tokenizer[family]
+    out = convert_to_meta(folder, tmp_path / "meta", model_parallel_size=2)
+    llama = Llama.build(str(out), str(out / "tokenizer.model"), max_seq_len=64, max_batch_size=2, device="cpu", dtype="float32")
+    toks = torch.tensor(llama.tokenizer.encode("The capital of France is", bos=True, eos=False))[None]
+    torch.testing.assert_close(llama.model.forward(toks, 0), hf_logits(hf, toks), atol=1e-4, rtol=1e-4)
+
+
 # --- Meta -> Hugging Face ---
 
 

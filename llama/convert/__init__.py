@@ -136,13 +136,16 @@ def convert_meta_to_hf(src: PathLike, dst: PathLike, overwrite: bool = False) ->
     params, tensors, vocab_parallel = read_meta_folder(src_path)
     with output_folder(dst_path, overwrite, [src_path]) as out:
         tokenizer_files = [src_path / name for name in TOKENIZER_FILES if (src_path / name).is_file()]
+        # A tokenizer.json comes with the tokenizer_config.json that holds its BOS/EOS and chat template.
+        companions = [src_path / "tokenizer_config.json"]
+        copied = tokenizer_files + [path for path in companions if path.is_file()]
         # Meta's files do not say the context length: Llama 2 trained on 4096, Llama 3 on 8192, 3.1 extends it to 128k.
         context_length = 131072 if params.get("use_scaled_rope") else 8192 if vocab_parallel else 4096
         dtype = tensors.spec("tok_embeddings.weight")[0]
         config = config_from_params(params, tensors.tied, dtype, context_length, _special_ids(tokenizer_files))
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_hf_weights(params, tensors, out / "model.safetensors")
-        for path in tokenizer_files:
+        for path in copied:
             shutil.copy2(path, out / path.name)
     return dst_path
 

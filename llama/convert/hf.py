@@ -339,9 +339,8 @@ def write_hf_weights(params: Dict[str, Any], tensors: MetaTensors, path: Path) -
 
     def produce() -> Iterator[Tuple[str, torch.Tensor]]:
         for key in tensors:
-            tensor = tensors[key]
             heads = _rope_heads(key, params)
-            yield hf_name(key), tensor if heads is None else to_rotate_half(tensor, heads)
+            yield hf_name(key), tensors[key] if heads is None else to_rotate_half(tensors[key], heads)
             progress.step()
 
     # transformers refuses safetensors files whose metadata does not say which framework wrote them.

@@ -183,6 +183,7 @@ def write_file(
                     f"{path}: expected tensor {name!r} {dtype} {list(shape)} next, got {got_name!r} {tensor.dtype} {list(tensor.shape)}"
                 )
             f.write(_raw_bytes(tensor))
+            del got, tensor  # before the next one is produced: one tensor in memory at a time
         if next(produced, None) is not None:
             raise SafetensorsError(f"{path}: more tensors were produced than the {len(expected)} in the header")
 
