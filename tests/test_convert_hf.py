@@ -119,6 +119,15 @@ def test_read_as_meta_gives_full_tensors_under_metas_names(hf_folders):
     assert tensors["layers.1.attention.wk.weight"].shape == (32, 64)
 
 
+def test_read_as_meta_tensors_are_cut_for_ranks_like_a_one_shard_checkpoint(hf_folders):
+    from llama.checkpoint import resharded_state_dict
+
+    _, tensors = read_as_meta(hf_folders["gqa"][0])
+    rank1 = resharded_state_dict([tensors], rank=1, model_parallel_size=2, vocab_parallel_embedding=True)
+    assert torch.equal(rank1["layers.0.attention.wk.weight"], tensors["layers.0.attention.wk.weight"][16:])
+    assert torch.equal(rank1["tok_embeddings.weight"], tensors["tok_embeddings.weight"][VOCAB // 2 :])
+
+
 def test_two_shards_are_the_one_shard_output_cut_as_meta_cuts_it(hf_folders, tmp_path):
     one = load_shard(convert_to_meta(hf_folders["gqa"][0], tmp_path / "mp1", tokenizer=False) / "consolidated.00.pth")
     out = convert_to_meta(hf_folders["gqa"][0], tmp_path / "mp2", model_parallel_size=2, tokenizer=False)
@@ -142,9 +151,13 @@ def test_dtype_option_converts_every_weight(hf_folders, tmp_path):
 def hf_with_tokenizer(tmp_path_factory, llama2_tokenizer_path, llama3_tokenizer_path):
     """family -> (folder, model): tiny models with the real Llama 2 / Llama 3 vocabularies and tokenizer.model."""
     folders = {}
-    for family, tokenizer_path, vocab in (("llama2", llama2_tokenizer_path, 32000), ("llama3", llama3_tokenizer_path, 128256)):
+    for family, tokenizer_path, vocab, tied in (
+        ("llama2", llama2_tokenizer_path, 32000, False),
+        ("llama2-tied", llama2_tokenizer_path, 32000, True),
+        ("llama3", llama3_tokenizer_path, 128256, False),
+    ):
         torch.manual_seed(len(folders))
-        model = transformers.LlamaForCausalLM(hf_config(vocab_size=vocab)).eval()
+        model = transformers.LlamaForCausalLM(hf_config(vocab_size=vocab, tie_word_embeddings=tied)).eval()
         folder = tmp_path_factory.mktemp(f"hf-{family}")
         model.save_pretrained(folder)
         (folder / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
@@ -167,6 +180,16 @@ def test_a_llama2_tokenizer_gives_metas_llama2_params_and_embedding_split(hf_wit
     assert sorted(p.name for p in out.iterdir()) == ["checklist.chk", "consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
 
 
+def test_a_tied_model_split_along_the_model_dimension_stores_each_shards_output_rows(hf_with_tokenizer, tmp_path):
+    # A process ties output to its embedding slice only when the two have the same shape; a dim-1
+    # embedding slice (32000, 32) is not the output's (16000, 64), so each shard carries its rows.
+    folder, hf = hf_with_tokenizer["llama2-tied"]
+    out = convert_to_meta(folder, tmp_path / "meta", model_parallel_size=2)
+    for rank in range(2):
+        shard = load_shard(out / f"consolidated.0{rank}.pth")
+        assert torch.equal(shard["output.weight"], hf.model.embed_tokens.weight.detach()[rank * 16000 : (rank + 1) * 16000])
+
+
 def test_a_llama3_tokenizer_gives_metas_llama3_params_and_embedding_split(hf_with_tokenizer, tmp_path):
     out = convert_to_meta(hf_with_tokenizer["llama3"][0], tmp_path / "meta", model_parallel_size=2)
     params = json.loads((out / "params.json").read_text())
@@ -174,7 +197,7 @@ def test_a_llama3_tokenizer_gives_metas_llama3_params_and_embedding_split(hf_wit
     assert load_shard(out / "consolidated.00.pth")["tok_embeddings.weight"].shape == (64128, 64)
 
 
-@pytest.mark.parametrize("family", ["llama2", "llama3"])
+@pytest.mark.parametrize("family", ["llama2", "llama2-tied", "llama3"])
 def test_converted_folder_loads_with_llama_build_and_gives_transformers_logits(hf_with_tokenizer, tmp_path, family):
     from llama import Llama
 
