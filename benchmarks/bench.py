@@ -115,6 +115,18 @@ def matvec_bandwidth(dtype: torch.dtype, quick: bool) -> float:
     return w.numel() * w.element_size() / t
 
 
+def int8_matvec_bandwidth(quick: bool) -> Optional[float]:
+    """Bytes/s of int8 weight streamed by torch's int8 weight-only kernel (what int8 decoding uses)."""
+    w = torch.randint(-127, 128, (4096, 8192 if not quick else 4096), dtype=torch.int8)
+    scale = torch.rand(4096, dtype=torch.bfloat16)
+    x = torch.randn(1, w.shape[1], dtype=torch.bfloat16)
+    try:
+        t = _best_time(lambda: torch._weight_int8pack_mm(x, w, scale), 5 if quick else 20)
+    except (RuntimeError, AttributeError):
+        return None
+    return w.numel() / t
+
+
 def matmul_flops(quick: bool) -> float:
     """fp32 matrix-multiply FLOP/s (the compute prefill is bound by)."""
     n = 1024 if quick else 2048
@@ -136,18 +148,45 @@ def time_generate(generate, lengths: List[int], max_gen_len: int) -> float:
     return time.perf_counter() - t0
 
 
-def bench_ours(ckpt_dir: Path, tokenizer: Path, dtype: str, plan: dict) -> Dict[str, float]:
+def build_ours(ckpt_dir: Path, tokenizer: Path, dtype: str, plan: dict, weight_format: Optional[str] = None):
     from llama import Llama
 
     generator = Llama.build(str(ckpt_dir), str(tokenizer), max_seq_len=plan["max_seq_len"], max_batch_size=4,
-                            device="cpu", dtype=DTYPES[dtype])
+                            device="cpu", dtype=DTYPES[dtype], weight_format=weight_format)
     generator.tokenizer.stop_tokens = set()  # random weights may greedily pick a stop token: decode them all
 
     def generate(prompts, n):
         out, _ = generator.generate(prompts, max_gen_len=n, temperature=0.0)
         assert all(len(o) == n for o in out), "generation stopped early"
+        return out
 
-    return run_plan(generate, plan, ragged=True)
+    return generate
+
+
+def bench_ours(ckpt_dir: Path, tokenizer: Path, dtype: str, plan: dict) -> Dict[str, float]:
+    return run_plan(build_ours(ckpt_dir, tokenizer, dtype, plan), plan, ragged=True)
+
+
+def bench_weight_format(ckpt_dir: Path, tokenizer: Path, dtype: str, plan: dict, weight_format: str, exact_answer: List[int]) -> Dict[str, float]:
+    """Decode tokens/s at batch 1 with compact weights, and how much of exact mode's greedy answer it repeats."""
+    generate = build_ours(ckpt_dir, tokenizer, dtype, plan, weight_format)
+    r = decode_rates(generate, plan, batch_sizes=(1,))
+    answer = generate(prompts_of([plan["decode_prompt"]]), plan["decode"])[0]
+    same = next((i for i, (a, b) in enumerate(zip(answer, exact_answer)) if a != b), len(answer))
+    r["greedy_agreement"] = same / len(answer)
+    return r
+
+
+def decode_rates(generate, plan: dict, batch_sizes=(1, 4)) -> Dict[str, float]:
+    """Decode tokens/s: max_gen_len tokens minus the prefill (timed alone) at each batch size."""
+    r: Dict[str, float] = {}
+    new, p = plan["decode"], plan["decode_prompt"]
+    for bsz in batch_sizes:
+        log(f"  decode batch {bsz}")
+        first = time_generate(generate, [p] * bsz, 1)
+        total = time_generate(generate, [p] * bsz, new)
+        r[f"decode_b{bsz}"] = bsz * (new - 1) / max(total - first, 1e-9)
+    return r
 
 
 def run_plan(generate, plan: dict, ragged: bool) -> Dict[str, float]:
@@ -157,13 +196,7 @@ def run_plan(generate, plan: dict, ragged: bool) -> Dict[str, float]:
     for n in plan["prefill"]:
         log(f"  prefill {n}")
         r[f"prefill_{n}"] = n / time_generate(generate, [n], 1)
-    new = plan["decode"]
-    p = plan["decode_prompt"]
-    for bsz in (1, 4):
-        log(f"  decode batch {bsz}")
-        first = time_generate(generate, [p] * bsz, 1)
-        total = time_generate(generate, [p] * bsz, new)
-        r[f"decode_b{bsz}"] = bsz * (new - 1) / max(total - first, 1e-9)
+    r.update(decode_rates(generate, plan))
     if ragged:
         short, long = plan["ragged"]
         even = (short + long) // 2
@@ -246,6 +279,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--quick", action="store_true", help="short prompts and decodes: under a minute")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' side-by-side run")
+    p.add_argument("--weight-formats", dest="weight_formats", default="bf16,int8",
+                   help="compact weight formats to measure beside exact fp32 (comma-separated; '' for none)")
     a = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -282,6 +317,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         log("ceilings: matrix-vector bandwidth, matrix-multiply FLOP/s")
         bandwidth = matvec_bandwidth(DTYPES[a.dtype], a.quick)
+        format_bandwidth = {"bf16": matvec_bandwidth(torch.bfloat16, a.quick), "int8": int8_matvec_bandwidth(a.quick)}
         flops = matmul_flops(a.quick)
 
         log("our Llama.generate")
@@ -295,6 +331,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         del sd
         weight_bytes = n_params * torch.finfo(DTYPES[a.dtype]).bits // 8
         ours = bench_ours(ckpt_dir, tokenizer, a.dtype, plan)
+        formats = {}
+        if a.dtype == "fp32" and a.weight_formats:
+            exact_answer = build_ours(ckpt_dir, tokenizer, a.dtype, plan)(prompts_of([plan["decode_prompt"]]), plan["decode"])[0]
+            for weight_format in a.weight_formats.split(","):
+                log(f"our Llama.generate with {weight_format} weights")
+                formats[weight_format] = bench_weight_format(ckpt_dir, tokenizer, a.dtype, plan, weight_format, exact_answer)
         theirs = None
         if not a.no_hf:
             log("transformers' LlamaForCausalLM.generate")
@@ -309,6 +351,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         "matvec_bytes_per_s": bandwidth, "matmul_flops": flops,
         "decode_ceiling_tok_s": decode_ceiling, "prefill_ceiling_tok_s": prefill_ceiling,
         "ours": ours, "hf": theirs,
+        "weight_formats": {
+            f: {**r, "decode_ceiling_tok_s": (format_bandwidth[f] / (n_params * {"bf16": 2, "int8": 1}[f])) if format_bandwidth[f] else None}
+            for f, r in formats.items()
+        },
     }
     print(render_table(result))
     if a.json:
@@ -347,6 +393,11 @@ def render_table(r: dict) -> str:
     even = (short + long) // 2
     row(f"ragged batch {short}+{long} ({plan['ragged_gen']} new each)", "ragged", None)
     row(f"even batch {even}+{even} ({plan['ragged_gen']} new each)", "even", None)
+    for weight_format, f in r.get("weight_formats", {}).items():
+        ceiling = f["decode_ceiling_tok_s"]
+        cells = [f"{f['decode_b1']:.1f} tok/s"] + ([f"{ceiling:.1f} tok/s", f"{f['decode_b1'] / ceiling:.0%}"] if ceiling else ["", ""])
+        lines.append(f"| decode batch 1, {weight_format} weights (greedy = exact for {f['greedy_agreement']:.0%} of "
+                     f"{plan['decode']} tokens) | " + " | ".join(cells) + " | | |")
     return "\n".join(lines)
 
 
