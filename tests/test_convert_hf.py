@@ -408,6 +408,11 @@ def test_a_model_parallel_size_that_splits_heads_is_refused_before_writing(hf_fo
     assert not (tmp_path / "meta").exists() and list(tmp_path.iterdir()) == []
 
 
+def test_a_meta_folder_is_not_converted_to_meta(tmp_path):
+    with pytest.raises(CheckpointError, match="already a Meta folder; use llama-reshard"):
+        convert_to_meta(meta_checkpoint(tmp_path / "meta"), tmp_path / "out")
+
+
 def test_detect_format_tells_the_three_kinds_apart(hf_folders, tmp_path):
     gguf_file = tmp_path / "m.gguf"
     gguf_file.write_bytes(b"GGUF" + bytes(20))

@@ -104,7 +104,7 @@ def convert_to_meta(
     src_path, dst_path = Path(src), Path(dst)
     kind = detect_format(src_path)
     if kind == "meta":
-        raise CheckpointError(f"{src_path} is already a Meta folder; use llama-reshard to change its shard count, or convert it to_hf")
+        raise CheckpointError(f"{src_path} is already a Meta folder; use llama-reshard to change its shard count, or convert_meta_to_hf (llama-convert --to hf)")
     torch_dtype = _torch_dtype(dtype)
     if isinstance(model_parallel_size, bool) or not isinstance(model_parallel_size, int) or model_parallel_size < 1:
         raise CheckpointError(f"model_parallel_size must be a positive integer, got {model_parallel_size!r}")

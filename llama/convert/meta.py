@@ -42,12 +42,6 @@ PARAMS_ORDER = (
     "norm_eps", "rope_theta", "use_scaled_rope",
 )  # fmt: skip
 
-LAYER_KEYS = (
-    "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
-    "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight",
-    "attention_norm.weight", "ffn_norm.weight",
-)  # fmt: skip
-
 # What llama/model.py's apply_scaling implements (Llama 3.1's long-context RoPE), in the names
 # Hugging Face configs use; anything else would give different frequencies.
 LLAMA3_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
