@@ -1,7 +1,8 @@
 """Tokenizers for Llama 2 (SentencePiece) and Llama 3 (tiktoken BPE), chosen from the file itself.
 
-`Tokenizer(path)` reads the start of `path` and returns a `SentencePieceTokenizer` or a
-`TiktokenTokenizer`; both keep Meta's attribute names and encode/decode behaviour, so the rest
+`Tokenizer(path)` reads the start of `path` and returns a `SentencePieceTokenizer`, a
+`TiktokenTokenizer`, or for a Hugging Face tokenizer.json a `ByteLevelBPETokenizer`
+(llama.hf_tokenizer); all keep Meta's attribute names and encode/decode behaviour, so the rest
 of the library never asks which family it has: stop tokens, special tokens and the chat format
 follow from the tokenizer object.
 """
@@ -13,7 +14,6 @@ import re
 from pathlib import Path
 from typing import (
     AbstractSet,
-    ClassVar,
     Collection,
     Dict,
     Iterator,
@@ -42,16 +42,18 @@ class Tokenizer:
     """A Llama tokenizer; `Tokenizer(model_path)` returns the subclass that reads that file.
 
     Attributes shared by every family: `n_words` (vocabulary size, special tokens included),
-    `bos_id`, `eos_id`, `pad_id` (-1: Llama has no pad token), `stop_tokens` (ids that end a
-    generation), `special_tokens` (name -> id) and `family` ("llama2" or "llama3").
+    `bos_id` (-1 when the tokenizer adds no BOS), `eos_id`, `pad_id` (-1: Llama has no pad
+    token), `stop_tokens` (ids that end a generation), `special_tokens` (name -> id) and `family`
+    ("llama2", "llama3", or for a tokenizer.json "chatml" or "bpe").
 
     Raises:
         FileNotFoundError: `model_path` does not exist.
         IsADirectoryError: `model_path` is a directory.
-        ValueError: the file is neither a tiktoken rank file nor a SentencePiece model.
+        ValueError: the file is neither a tiktoken rank file, a SentencePiece model nor a
+            supported byte-level BPE tokenizer.json.
     """
 
-    family: ClassVar[str]
+    family: str
     n_words: int
     bos_id: int
     eos_id: int
@@ -272,10 +274,10 @@ def _tokenizer_class_for(path: Path) -> Type[Tokenizer]:
     if _looks_like_rank_file(head):
         return TiktokenTokenizer
     if head.lstrip()[:1] == b"{":
-        raise ValueError(
-            f"tokenizer file {path} is JSON (a Hugging Face tokenizer.json?), not Meta's format; "
-            f"{_PATH_HINT}"
-        )
+        # Imported here: llama.hf_tokenizer builds on this module.
+        from llama.hf_tokenizer import ByteLevelBPETokenizer
+
+        return ByteLevelBPETokenizer
     # Everything else must be a SentencePiece ModelProto; its loader says if it is not.
     return SentencePieceTokenizer
 
