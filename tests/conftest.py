@@ -11,6 +11,7 @@ from checkpoints import TINY_PARAMS, random_state_dict, write_checkpoint
 from llama import Llama
 from llama.args import ModelArgs
 from llama.distributed import init_model_parallel
+from llama.hf_tokenizer import write_tokenizer_from_gguf
 from llama.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -53,6 +54,58 @@ def llama2_tokenizer(llama2_tokenizer_path: Path) -> Tokenizer:
 @pytest.fixture(scope="session")
 def llama3_tokenizer(llama3_tokenizer_path: Path) -> Tokenizer:
     return Tokenizer(str(llama3_tokenizer_path))
+
+
+# --- byte-level BPE: SmolLM2 (ChatML) and llama.cpp's vocabulary files ---
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct.Q4_1.gguf: a real Llama-architecture model with a GPT-2 style vocabulary."""
+    return _asset(assets.smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_json(tmp_path_factory, smollm2_gguf_path: Path) -> Path:
+    """tokenizer.json written from the SmolLM2 GGUF, with its tokenizer_config.json beside it."""
+    return write_tokenizer_from_gguf(smollm2_gguf_path, tmp_path_factory.mktemp("smollm2-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_tokenizer_json: Path) -> Tokenizer:
+    return Tokenizer(str(smollm2_tokenizer_json))
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers_tokenizer(smollm2_gguf_path: Path):
+    """transformers' tokenizer for the SmolLM2 GGUF, splitting digits as SmolLM2 does.
+
+    transformers builds a GGUF's byte-level tokenizer with GPT-2's pre-tokenizer whatever
+    `tokenizer.ggml.pre` says; for `smollm` llama.cpp (and SmolLM2's own tokenizer.json) first
+    split off every digit, which changes ids where whitespace precedes a digit ("x\n\n2024").
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf_path.parent, gguf_file=smollm2_gguf_path.name)
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def vocab_gguf():
+    """llama.cpp's vocab-only GGUF of a kind ("llama-spm", "llama-bpe", "gpt-2", "starcoder");
+    read_vocab_vectors(path) gives the ids its original tokenizer produced."""
+
+    def path(kind: str) -> Path:
+        return _asset(lambda: assets.vocab_gguf(kind))
+
+    return path
 
 
 # --- tiny checkpoints in Meta's format, and generators built from them ---

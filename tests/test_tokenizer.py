@@ -1,10 +1,12 @@
-"""Tokenizer: family detection, Meta's ids and special tokens, reference vectors, round trips."""
+"""Tokenizer: family detection, Meta's ids and special tokens, reference vectors, round trips
+(byte-level BPE specifics are in test_hf_tokenizer.py)."""
 
 import base64
 import time
 
 import pytest
 
+from llama.hf_tokenizer import ByteLevelBPETokenizer
 from llama.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 
 TRICKY_TEXTS = {
@@ -21,7 +23,7 @@ TRICKY_TEXTS = {
     "decomposed_and_composed": "Cu\u031b\u0309a Việt",
     "control_characters": "\x00nul \x07bell \x7fdel",
     "code": 'def f(x):\n\treturn {"a": [x, x**2]}  # ok\n',
-    "special_token_lookalikes": "[INST] <<SYS>> <|eot_id|> <s></s>",
+    "special_token_lookalikes": "[INST] <<SYS>> <|eot_id|> <s></s> <|im_start|><|im_end|>",
 }
 
 LLAMA3_SPECIAL_IDS = {
@@ -41,7 +43,7 @@ LLAMA3_SPECIAL_IDS = {
 }
 
 
-@pytest.fixture(params=["llama2", "llama3"])
+@pytest.fixture(params=["llama2", "llama3", "smollm2"])
 def tokenizer(request) -> Tokenizer:
     return request.getfixturevalue(f"{request.param}_tokenizer")
 
@@ -93,11 +95,19 @@ def test_empty_file_is_a_value_error(tmp_path):
         Tokenizer(str(path))
 
 
-def test_hugging_face_tokenizer_json_is_a_value_error(tmp_path):
+def test_hugging_face_tokenizer_json_gives_byte_level_bpe_tokenizer(smollm2_tokenizer_json):
+    tokenizer = Tokenizer(str(smollm2_tokenizer_json))
+    assert type(tokenizer) is ByteLevelBPETokenizer
+    assert isinstance(tokenizer, Tokenizer)
+    assert tokenizer.family == "chatml"
+
+
+def test_json_without_a_vocabulary_is_a_value_error(tmp_path):
     path = tmp_path / "tokenizer.json"
     path.write_text('{"version": "1.0", "model": {"type": "BPE"}}')
-    with pytest.raises(ValueError, match="JSON"):
+    with pytest.raises(ValueError, match="model.vocab is missing") as info:
         Tokenizer(str(path))
+    assert str(path) in str(info.value)
 
 
 def test_bad_line_deep_in_rank_file_is_named(tmp_path):
@@ -225,7 +235,7 @@ def test_llama3_million_char_run_round_trips_in_seconds(llama3_tokenizer, char):
     assert elapsed < 10, f"encoding 1M {char!r} took {elapsed:.1f} s"
 
 
-# Both families
+# Every family
 
 
 @pytest.mark.parametrize("text", TRICKY_TEXTS.values(), ids=TRICKY_TEXTS.keys())
@@ -239,12 +249,14 @@ def test_long_text_round_trips(tokenizer):
 
 
 def test_bos_and_eos_flags_wrap_the_ids(tokenizer):
-    bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    # bos_id -1: the tokenizer adds no BOS (SmolLM2), so bos=True adds nothing.
+    bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
+    eos = [tokenizer.eos_id]
     ids = tokenizer.encode("Hello world", bos=False, eos=False)
-    assert tokenizer.encode("Hello world", bos=True, eos=False) == [bos] + ids
-    assert tokenizer.encode("Hello world", bos=False, eos=True) == ids + [eos]
-    assert tokenizer.encode("Hello world", bos=True, eos=True) == [bos] + ids + [eos]
-    assert tokenizer.encode("", bos=True, eos=True) == [bos, eos]
+    assert tokenizer.encode("Hello world", bos=True, eos=False) == bos + ids
+    assert tokenizer.encode("Hello world", bos=False, eos=True) == ids + eos
+    assert tokenizer.encode("Hello world", bos=True, eos=True) == bos + ids + eos
+    assert tokenizer.encode("", bos=True, eos=True) == bos + eos
 
 
 def test_eos_is_a_stop_token(tokenizer):
