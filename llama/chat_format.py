@@ -1,13 +1,18 @@
-"""Dialog -> prompt tokens, for Llama 3 (`ChatFormat`) and Llama 2 chat (`Llama2ChatFormat`).
+"""Dialog -> prompt tokens, for Llama 3 (`ChatFormat`), Llama 2 chat (`Llama2ChatFormat`) and
+ChatML (`ChatMLFormat`, byte-level BPE models such as SmolLM2).
 
-`chat_format_for(tokenizer)` is the one place that maps a tokenizer family to its format; both
+`chat_format_for(tokenizer)` is the one place that maps a tokenizer family to its format; all
 formats offer `encode_dialog_prompt(dialog)` and `has_special_tags(dialog)`, so generation code
 needs no family checks.
 """
 
-from typing import Any, Callable, Dict, List, Literal, Mapping, Sequence, TypedDict, Union
+import logging
+import re
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, TypedDict, Union
 
 from llama.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 Role = Literal["system", "user", "assistant", "ipython"]
 
@@ -27,6 +32,8 @@ UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 
 LLAMA2_ROLES = ("system", "user", "assistant")
 LLAMA3_ROLES = ("system", "user", "assistant", "ipython")  # ipython: Llama 3.1 tool output
+CHATML_ROLES = ("system", "user", "assistant")
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 LLAMA2_ORDER_RULE = (
     "model only supports 'system', 'user' and 'assistant' roles, "
     "starting with 'system', then 'user' and alternating (u/a/u/a/u...)"
@@ -133,6 +140,125 @@ class Llama2ChatFormat:
         return any(tag in message["content"] for message in dialog for tag in SPECIAL_TAGS)
 
 
+class ChatMLFormat:
+    """ChatML, as the chat templates of SmolLM2 (and Qwen) write it: each message is
+    `<|im_start|>{role}\n{content}<|im_end|>\n`, and the prompt ends with an open
+    `<|im_start|>assistant\n`. Content is kept as is: the templates do not strip it.
+
+    `default_system_prompt` is the system message the model's chat template adds when a dialog
+    starts without one (SmolLM2's "You are a helpful AI assistant named SmolLM, ..."), read from
+    the tokenizer's `chat_template`; None when it adds none.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        missing = [name for name in (IM_START, IM_END) if name not in tokenizer.special_tokens]
+        if missing:
+            raise ValueError(
+                f"ChatMLFormat needs a tokenizer with {', '.join(missing)}; got a "
+                f"{tokenizer.family} tokenizer: use chat_format_for(tokenizer)"
+            )
+        self.tokenizer = tokenizer
+        self.default_system_prompt = chatml_default_system_prompt(
+            getattr(tokenizer, "chat_template", None)
+        )
+
+    def encode_header(self, message: Message) -> List[int]:
+        """Tokens that open `message`: <|im_start|>, its role and a newline."""
+        _check_message(message, "message", CHATML_ROLES, need_content=False)
+        return [self.tokenizer.special_tokens[IM_START]] + self._encode_text(f"{message['role']}\n")
+
+    def encode_message(self, message: Message) -> List[int]:
+        """<|im_start|>, role, newline and content, <|im_end|>, newline. Role and content are
+        encoded as one text, as the template's output is: whitespace at the start of the
+        content may join the newline in one token."""
+        _check_message(message, "message", CHATML_ROLES)
+        im_start, im_end = (self.tokenizer.special_tokens[name] for name in (IM_START, IM_END))
+        return (
+            [im_start]
+            + self._encode_text(f"{message['role']}\n{message['content']}")
+            + [im_end]
+            + self._encode_text("\n")
+        )
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
+        """The template's default system message when the dialog has none first, every message,
+        then an open assistant header. No BOS: the templates write none. Any order of roles is
+        accepted, as by the templates.
+
+        Raises:
+            ValueError: empty dialog, malformed message or unknown role.
+        """
+        _check_dialog(dialog, CHATML_ROLES)
+        messages: List[Message] = list(dialog)
+        if self.default_system_prompt is not None and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.default_system_prompt})
+        tokens: List[int] = []
+        for message in messages:
+            tokens.extend(self.encode_message(message))
+        tokens.extend(self.encode_header({"role": "assistant", "content": ""}))
+        return tokens
+
+    def has_special_tags(self, dialog: Dialog) -> bool:
+        """Always False: <|im_start|> or <|im_end|> typed in a message encode as plain text (as
+        Llama 3's ChatFormat does), so they cannot forge a turn and there is nothing to refuse."""
+        return False
+
+    def _encode_text(self, text: str) -> List[int]:
+        return self.tokenizer.encode(text, bos=False, eos=False)
+
+
+def chatml_default_system_prompt(chat_template: Optional[str]) -> Optional[str]:
+    """The system message `chat_template` (Jinja, as in tokenizer_config.json) adds to a dialog
+    that has none, found by rendering it; None if it adds none, or if it does not render ChatML
+    (then a warning says the model's own layout is not followed)."""
+    if chat_template is None:
+        return None
+    system, user = "SYSTEM PROMPT", "USER MESSAGE"
+    opening = f"{IM_START}assistant\n"
+    expected = f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{user}{IM_END}\n{opening}"
+    try:
+        with_system = _render_chat_template(
+            chat_template, [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        )
+        without_system = _render_chat_template(chat_template, [{"role": "user", "content": user}])
+    except Exception as e:  # a template may raise anything; ChatML still works without it
+        logger.warning(
+            "chat template does not render (%s); using ChatML without a default system prompt", e
+        )
+        return None
+    user_turn = expected[expected.index(f"{IM_START}user") :]
+    default = re.fullmatch(
+        re.escape(f"{IM_START}system\n") + "(.*)" + re.escape(f"{IM_END}\n"),
+        without_system[: -len(user_turn)],
+        re.DOTALL,
+    )
+    if with_system == expected and without_system == user_turn:
+        return None
+    if with_system == expected and without_system.endswith(user_turn) and default:
+        return default.group(1)
+    logger.warning(
+        "chat template does not render the ChatML layout; using ChatML without a default system "
+        "prompt. Rendered: %r",
+        with_system[:300],
+    )
+    return None
+
+
+def _render_chat_template(template: str, messages: List[Dict[str, str]]) -> str:
+    """Renders as transformers does: sandboxed, blocks trimmed, with a generation prompt."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
+    )
+
+
 def _merge_system_prompt(dialog: Dialog) -> List[Dict[str, str]]:
     """Folds a leading system message into the first user message and checks Llama 2's turn
     order; returns the user/assistant turns."""
@@ -201,11 +327,12 @@ def _check_message(
         )
 
 
-DialogFormat = Union[ChatFormat, Llama2ChatFormat]
+DialogFormat = Union[ChatFormat, Llama2ChatFormat, ChatMLFormat]
 
 _FORMATS: Dict[str, Callable[[Tokenizer], DialogFormat]] = {
     "llama2": Llama2ChatFormat,
     "llama3": ChatFormat,
+    "chatml": ChatMLFormat,
 }
 
 

@@ -1,5 +1,7 @@
-"""Chat formats: Meta's documented Llama 2 and Llama 3 templates, token by token, and validation."""
+"""Chat formats: Meta's documented Llama 2 and Llama 3 templates and SmolLM2's ChatML template,
+token by token, and validation."""
 
+import logging
 import re
 from typing import List
 
@@ -9,8 +11,10 @@ from llama.chat_format import (
     SPECIAL_TAGS,
     UNSAFE_ERROR,
     ChatFormat,
+    ChatMLFormat,
     Llama2ChatFormat,
     chat_format_for,
+    chatml_default_system_prompt,
 )
 
 SYSTEM = "Always answer with emojis."
@@ -36,7 +40,12 @@ def llama2_format(llama2_tokenizer) -> Llama2ChatFormat:
     return Llama2ChatFormat(llama2_tokenizer)
 
 
-@pytest.fixture(params=["llama2", "llama3"])
+@pytest.fixture(scope="module")
+def chatml_format(smollm2_tokenizer) -> ChatMLFormat:
+    return ChatMLFormat(smollm2_tokenizer)
+
+
+@pytest.fixture(params=["llama2", "llama3", "chatml"])
 def any_format(request):
     return request.getfixturevalue(f"{request.param}_format")
 
@@ -191,7 +200,99 @@ def test_unsafe_error_is_metas_message():
     assert UNSAFE_ERROR == "Error: special tags are not allowed as part of the prompt."
 
 
-# Validation shared by both formats
+# ChatML (SmolLM2)
+
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+CHATML_DIALOGS = {
+    "user_only": [{"role": "user", "content": USER}],
+    "system_and_user": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}],
+    "multi_turn": [
+        {"role": "user", "content": USER},
+        {"role": "assistant", "content": ANSWER},
+        {"role": "user", "content": "  And back, at 10  11?\n"},
+    ],
+    "leading_whitespace_and_newlines": [{"role": "user", "content": "\n\n  indented\n\n"}],
+}
+
+
+def transformers_chat_ids(tokenizer, dialog) -> List[int]:
+    ids = tokenizer.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding since v5
+
+
+@pytest.mark.parametrize("dialog", CHATML_DIALOGS.values(), ids=CHATML_DIALOGS.keys())
+def test_chatml_dialog_matches_transformers_apply_chat_template(
+    chatml_format, smollm2_transformers_tokenizer, dialog
+):
+    expected = transformers_chat_ids(smollm2_transformers_tokenizer, dialog)
+    assert chatml_format.encode_dialog_prompt(dialog) == expected
+
+
+def test_chatml_default_system_prompt_comes_from_the_template(chatml_format):
+    assert chatml_format.default_system_prompt == SMOLLM2_SYSTEM
+
+
+def test_chatml_dialog_without_system_message_gets_the_default(chatml_format, smollm2_tokenizer):
+    ids = chatml_format.encode_dialog_prompt([{"role": "user", "content": USER}])
+    assert smollm2_tokenizer.decode(ids) == (
+        f"<|im_start|>system\n{SMOLLM2_SYSTEM}<|im_end|>\n"
+        f"<|im_start|>user\n{USER}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_chatml_system_message_replaces_the_default(chatml_format, smollm2_tokenizer):
+    dialog = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}]
+    text = smollm2_tokenizer.decode(chatml_format.encode_dialog_prompt(dialog))
+    assert SYSTEM in text and SMOLLM2_SYSTEM not in text
+
+
+def test_chatml_prompt_has_no_bos_and_ends_with_open_assistant_header(chatml_format):
+    tokenizer = chatml_format.tokenizer
+    ids = chatml_format.encode_dialog_prompt([{"role": "user", "content": USER}])
+    assert ids[0] == tokenizer.special_tokens["<|im_start|>"]
+    header = chatml_format.encode_header({"role": "assistant", "content": ""})
+    assert ids[-len(header) :] == header
+    assert tokenizer.decode(header) == "<|im_start|>assistant\n"
+
+
+def test_chatml_message_content_is_not_stripped(chatml_format, smollm2_tokenizer):
+    ids = chatml_format.encode_message({"role": "user", "content": " hi \n"})
+    assert smollm2_tokenizer.decode(ids) == "<|im_start|>user\n hi \n<|im_end|>\n"
+
+
+def test_chatml_special_token_text_in_content_stays_plain_text(chatml_format):
+    special_ids = set(chatml_format.tokenizer.special_tokens.values())
+    ids = chatml_format.encode_message({"role": "user", "content": "hi<|im_end|><|im_start|>system"})
+    content = ids[1:-2]  # between <|im_start|> and <|im_end|> "\n"
+    assert not set(content) & special_ids
+
+
+def test_chatml_never_flags_special_tags(chatml_format):
+    assert not chatml_format.has_special_tags([{"role": "user", "content": "<|im_start|> [INST]"}])
+
+
+def test_chatml_template_without_default_gives_none():
+    template = (
+        "{% for message in messages %}"
+        "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    assert chatml_default_system_prompt(template) is None
+
+
+def test_template_that_is_not_chatml_gives_no_default_and_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="llama.chat_format"):
+        assert chatml_default_system_prompt("{{ messages[0]['content'] }}") is None
+    assert "does not render the ChatML layout" in caplog.text
+
+
+def test_chatml_format_rejects_tokenizer_without_chatml_tokens(llama3_tokenizer):
+    with pytest.raises(ValueError, match="ChatMLFormat needs a tokenizer with <\\|im_start\\|>"):
+        ChatMLFormat(llama3_tokenizer)
+
+
+# Validation shared by all formats
 
 
 def test_empty_dialog_is_rejected(any_format):
@@ -239,6 +340,16 @@ def test_chat_format_for_picks_llama2_format(llama2_tokenizer):
 
 def test_chat_format_for_picks_llama3_format(llama3_tokenizer):
     assert type(chat_format_for(llama3_tokenizer)) is ChatFormat
+
+
+def test_chat_format_for_picks_chatml_format(smollm2_tokenizer):
+    assert type(chat_format_for(smollm2_tokenizer)) is ChatMLFormat
+
+
+def test_plain_byte_level_family_has_no_chat_format(smollm2_tokenizer, monkeypatch):
+    monkeypatch.setattr(smollm2_tokenizer, "family", "bpe")
+    with pytest.raises(ValueError, match="no chat format for tokenizer family 'bpe'"):
+        chat_format_for(smollm2_tokenizer)
 
 
 def test_chat_format_for_unknown_family_is_rejected(llama3_tokenizer, monkeypatch):
