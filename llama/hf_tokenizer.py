@@ -15,11 +15,14 @@ BOS, EOS and the chat template come from `tokenizer_config.json` beside the file
 Face folder (see `llama.tokenizer_convert` for the files written from GGUF). The family is
 "chatml" when `<|im_start|>` and `<|im_end|>` are special tokens, else "bpe".
 
-The engine is tiktoken: its merges (by rank of the merged bytes) reproduce HF's (by rank of the
-merged pair) when each token comes from one merge and ranks follow merge order, which a trained
-merge list gives; tests check it against `tokenizers` on the real vocabularies. Two HF behaviours
-tiktoken lacks are kept exactly by a slower path: bytes missing from the vocabulary (HF drops them,
-or emits the unk token) and BPE without whole-word lookup for such pieces.
+The engine is tiktoken, ranks in merge order: it merges the adjacent pair whose concatenation
+ranks lowest, HF the pair listed first in the merges; the two agree on vocabularies learned by
+merging (tests check GPT-2, StarCoder, SmolLM2 and Llama 3 against `tokenizers` and the original
+tokenizers' recorded ids). What tiktoken cannot do goes through HF's BPE in Python: a piece holding
+bytes that are no token (SmolLM2 lacks 21, such as \\x04), which HF drops (or turns into the unk
+token) before merging across the gap. One deviation is kept from Meta's TiktokenTokenizer, whose
+regex engine overflows otherwise: runs of over 25,000 whitespace or non-whitespace characters
+are cut every 25,000 characters.
 """
 
 import heapq

@@ -31,7 +31,10 @@ from sentencepiece import SentencePieceProcessor
 
 logger = logging.getLogger(__name__)
 
-_PATH_HINT = "pass --tokenizer_path pointing at the tokenizer.model that came with the checkpoint"
+_PATH_HINT = (
+    "pass --tokenizer_path pointing at the tokenizer.model (or, for a converted byte-level BPE "
+    "model, the tokenizer.json) that came with the checkpoint"
+)
 
 # A tiktoken BPE rank file is text, one `<base64 token> <rank>` per line.
 _RANK_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+")

@@ -145,21 +145,18 @@ def _write_byte_level(
         out = out_dir / "tokenizer.model"
         out.write_bytes(meta_tiktoken_file(meta_tokens))
         return out
-    out = out_dir / "tokenizer.json"
-    staged = out_dir / ".tokenizer.json.tmp"
+    out, config_path = out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"
     if original is not None:
-        shutil.copyfile(original, staged)
+        shutil.copyfile(original, out)
     else:
-        staged.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    config_path = out_dir / "tokenizer_config.json"
+        out.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
     try:
-        ByteLevelBPETokenizer(str(staged))
-    except ValueError as e:
-        staged.unlink()
+        ByteLevelBPETokenizer(str(out))
+    except ValueError as e:  # leave no file that Tokenizer() would then refuse
+        out.unlink()
         config_path.unlink()
-        raise ValueError(f"{source}: {e}") from e
-    staged.replace(out)
+        raise ValueError(f"{source} gives a tokenizer this library cannot read: {e}") from e
     return out
 
 
