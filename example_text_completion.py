@@ -9,12 +9,13 @@ from typing import List, Optional
 import fire
 
 from llama import Llama
+from llama.demo import checkpoint_or_demo
 from llama.stream import print_in_order
 
 
 def main(
-    ckpt_dir: str,
-    tokenizer_path: str,
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 128,
@@ -31,10 +32,12 @@ def main(
     `max_gen_len` bounds the continuation, since pretrained models rarely stop by themselves.
     `device` (cuda, cpu, mps) and `dtype` (bf16, fp16, fp32) override the automatic choice.
     `weight_format` (bf16, int8) stores the weights compactly: faster decoding, close but not exact.
+    Without --ckpt_dir, a small demo chat model is used (see llama/demo.py); without
+    --tokenizer_path, the checkpoint's own tokenizer file.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     generator = Llama.build(
-        ckpt_dir=ckpt_dir,
+        ckpt_dir=checkpoint_or_demo(ckpt_dir),
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,

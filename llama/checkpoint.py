@@ -64,7 +64,10 @@ def checkpoint_paths(ckpt_dir: str) -> List[Path]:
     if not folder.exists():
         raise FileNotFoundError(f"checkpoint folder not found: {ckpt_dir!r}; pass --ckpt_dir with the folder download.sh made (e.g. llama-2-7b-chat/)")
     if not folder.is_dir():
-        raise NotADirectoryError(f"--ckpt_dir must be a folder holding consolidated.*.pth and params.json, got the file {ckpt_dir!r}")
+        raise NotADirectoryError(
+            f"--ckpt_dir must be a folder holding consolidated.*.pth and params.json (or a Hugging Face folder, "
+            f"or a .gguf file), got the file {ckpt_dir!r}"
+        )
     shards = sorted(folder.glob("*.pth"))
     if not shards:
         raise CheckpointError(f"no checkpoint files (*.pth) found in {ckpt_dir!r}; is the download complete? (run download.sh again)")

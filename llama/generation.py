@@ -4,7 +4,7 @@ import logging
 import os
 import sys
 import time
-from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Iterator, List, Optional, Tuple, TypedDict, Union
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_rank
 
 from llama.args import ModelArgs
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, chat_format_for
-from llama.checkpoint import CheckpointError, check_model_parallel_size, checkpoint_paths, load_for_rank, load_into, read_params
+from llama.checkpoint import CheckpointError, check_model_parallel_size, load_into
 from llama.distributed import (
     default_device_and_dtype,
     init_model_parallel,
@@ -22,6 +22,7 @@ from llama.distributed import (
 )
 from llama.linear import check_weight_format
 from llama.model import Transformer
+from llama.source import open_checkpoint, open_tokenizer
 from llama.stream import StreamEvent, stream_steps
 from llama.tokenizer import Tokenizer
 
@@ -31,6 +32,10 @@ logger = logging.getLogger(__name__)
 FAMILY_DEFAULTS = {
     "llama2": {"rope_theta": 10000.0, "vocab_parallel_embedding": False},
     "llama3": {"rope_theta": 500000.0, "vocab_parallel_embedding": True},
+    # Byte-level BPE vocabularies of converted models (SmolLM2...): their params.json names
+    # rope_theta; the embedding is split by vocabulary like the (often tied) output.
+    "chatml": {"rope_theta": 10000.0, "vocab_parallel_embedding": True},
+    "bpe": {"rope_theta": 10000.0, "vocab_parallel_embedding": True},
 }
 
 
@@ -50,7 +55,7 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
+        tokenizer_path: Optional[str],
         max_seq_len: int,
         max_batch_size: int,
         model_parallel_size: Optional[int] = None,
@@ -60,9 +65,12 @@ class Llama:
         dtype: Union[str, torch.dtype, None] = None,
         weight_format: Optional[str] = None,
     ) -> "Llama":
-        """Load a Meta checkpoint folder and its tokenizer; one process per consolidated.NN.pth shard.
+        """Load a checkpoint and its tokenizer; one process per model-parallel shard.
 
-        device defaults to this process's GPU, else the CPU; dtype (the compute dtype) to bf16 on
+        ckpt_dir is a Meta folder (params.json + consolidated.NN.pth), or a Hugging Face Llama
+        folder or llama.cpp .gguf file, converted in memory. tokenizer_path may be None to use
+        the checkpoint's own (a Meta folder's tokenizer.model, or a converted source's vocabulary).
+        Any number of processes that divides the heads can load any number of shards. device defaults to this process's GPU, else the CPU; dtype (the compute dtype) to bf16 on
         GPUs that have it (fp16 otherwise) and float32 on the CPU. weight_format stores the linear
         layers' weights compactly for faster decoding, at some accuracy: "bf16" or "int8" (per
         output channel); None keeps Meta's exact numerics (see llama.linear). All inputs are
@@ -71,9 +79,10 @@ class Llama:
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len and max_batch_size must be positive, got {max_seq_len} and {max_batch_size}")
         check_weight_format(weight_format)
-        shards = checkpoint_paths(ckpt_dir)
-        params = read_params(ckpt_dir)
-        tokenizer = Tokenizer(model_path=tokenizer_path)
+        source = open_checkpoint(ckpt_dir)
+        params = source.params
+        tokenizer = open_tokenizer(source, tokenizer_path)
+        tokenizer_path = tokenizer_path or "the checkpoint's own tokenizer"
         mp_size = requested_world_size(model_parallel_size)
         model_args = ModelArgs.from_params(
             {**FAMILY_DEFAULTS[tokenizer.family], **params}, max_seq_len=max_seq_len, max_batch_size=max_batch_size
@@ -95,8 +104,8 @@ class Llama:
 
         start_time = time.time()
         rank = get_model_parallel_rank()
-        ckpt_path = shards[rank] if len(shards) == mp_size else shards[0].parent
-        checkpoint = load_for_rank(shards, rank, mp_size, model_args.vocab_parallel_embedding)
+        ckpt_path = source.location(rank, mp_size)
+        checkpoint = source.state_dict_for(rank, mp_size, model_args.vocab_parallel_embedding)
         _check_embedding_shape(checkpoint, model_args, mp_size, ckpt_path, tokenizer_path)
         with default_device_and_dtype(device, dtype):
             model = Transformer(model_args)

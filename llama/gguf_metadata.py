@@ -58,7 +58,8 @@ class _Reader:
             raise ValueError(
                 f"{path} is GGUF version {version}; versions {SUPPORTED_VERSIONS} are supported"
             )
-        _tensor_count, kv_count = self.scalar("Q"), self.scalar("Q")
+        self.scalar("Q")  # tensor count: the tensors are not read here
+        kv_count = self.scalar("Q")
         fields: Dict[str, Any] = {}
         for _ in range(kv_count):
             key = self.string()

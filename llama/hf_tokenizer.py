@@ -571,8 +571,3 @@ def _split_on(s: str, specials: AbstractSet[str]) -> Iterator[Tuple[str, bool]]:
         start = match.end()
     if start < len(s):
         yield s[start:], False
-
-
-# Conversion code calls the writers from here. Imported last: llama.tokenizer_convert imports this
-# module's names inside its functions only, so either module may be imported first.
-from llama.tokenizer_convert import write_tokenizer_from_gguf, write_tokenizer_from_hf  # noqa: E402,F401

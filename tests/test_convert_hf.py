@@ -208,6 +208,16 @@ def test_converted_folder_loads_with_llama_build_and_gives_transformers_logits(h
     torch.testing.assert_close(llama.model.forward(toks, 0), hf_logits(hf, toks), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama2", "llama3"])
+def test_llama_build_loads_a_hugging_face_folder_directly(hf_with_tokenizer, family):
+    from llama import Llama
+
+    folder, hf = hf_with_tokenizer[family]
+    llama = Llama.build(str(folder), None, max_seq_len=64, max_batch_size=2, device="cpu", dtype="float32")
+    toks = torch.tensor(llama.tokenizer.encode("The capital of France is", bos=True, eos=False))[None]
+    torch.testing.assert_close(llama.model.forward(toks, 0), hf_logits(hf, toks), atol=1e-4, rtol=1e-4)
+
+
 # --- Meta -> Hugging Face ---
 
 

@@ -14,11 +14,8 @@ from tokenizers.models import BPE
 
 from assets import read_vocab_vectors
 from llama.gguf_metadata import read_gguf_metadata
-from llama.hf_tokenizer import (
-    ByteLevelBPETokenizer,
-    write_tokenizer_from_gguf,
-    write_tokenizer_from_hf,
-)
+from llama.hf_tokenizer import ByteLevelBPETokenizer
+from llama.tokenizer_convert import write_tokenizer_from_gguf, write_tokenizer_from_hf
 from llama.stream import IncrementalDecoder
 from llama.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 

