@@ -4,6 +4,7 @@ torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python` run is a world of one
 everything else gloo, so the same fairscale layers run on a laptop CPU and on a GPU cluster.
 """
 
+import atexit
 import contextlib
 import io
 import logging
@@ -67,6 +68,9 @@ def init_model_parallel(model_parallel_size: int, device: torch.device) -> None:
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        # Left to interpreter teardown, gloo's threads can abort the process after its work is done
+        # ("terminate called without an active exception"): end the group while Python still runs.
+        atexit.register(_destroy_process_group)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not model_parallel_is_initialized():
@@ -74,6 +78,11 @@ def init_model_parallel(model_parallel_size: int, device: torch.device) -> None:
         with contextlib.redirect_stdout(io.StringIO()) as fairscale_says:
             initialize_model_parallel(model_parallel_size)
         logger.debug(fairscale_says.getvalue().strip())
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
