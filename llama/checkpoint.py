@@ -77,14 +77,18 @@ def checkpoint_paths(ckpt_dir: str) -> List[Path]:
 
 
 def read_params(ckpt_dir: str) -> Dict[str, Any]:
-    path = Path(ckpt_dir) / "params.json"
+    return read_json_object(Path(ckpt_dir) / "params.json")
+
+
+def read_json_object(path: Path) -> Dict[str, Any]:
+    """A JSON file holding an object (params.json, config.json); anything else raises CheckpointError."""
     try:
-        params = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); download it again") from e
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{path} should hold a JSON object of model parameters, got {type(params).__name__}")
-    return params
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} should hold a JSON object of model parameters, got {type(value).__name__}")
+    return value
 
 
 def valid_model_parallel_sizes(n_heads: int, n_kv_heads: int, split_size: int, limit: int = 64) -> List[int]:

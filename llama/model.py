@@ -107,7 +107,7 @@ class Attention(nn.Module):
         # builds the model under that default device/dtype), so no conversion per forward. It is
         # laid out heads-first so that a head's cached keys are one strided block: attention
         # reads it in place, and each group of n_rep query heads shares its key/value head
-        # instead of copying it n_rep times (Meta's repeat_kv), with the same dot products.
+        # instead of copying it n_rep times (Meta's repeat_kv).
         cache_shape = (args.max_batch_size, self.n_local_kv_heads, args.max_seq_len, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
         self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
@@ -123,7 +123,7 @@ class Attention(nn.Module):
         """x (bs, seqlen, dim) at positions start_pos.. of cache rows first_row..first_row + bs.
 
         start_pos is an int shared by the batch (Meta's), or a (bs,) tensor of per-row positions
-        for one token each; then mask (bs, 1, 1, 1, cache_len) hides each row's future.
+        for one token each; then mask (bs, 1, 1, cache_len) hides each row's future.
         """
         bsz, seqlen, _ = x.shape
         xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
@@ -148,11 +148,10 @@ class Attention(nn.Module):
         # Query heads grouped by the key/value head they share: (bs, n_local_kv_heads, n_rep * seqlen, head_dim)
         xq = xq.view(bsz, seqlen, self.n_local_kv_heads, self.n_rep, self.head_dim).permute(0, 2, 3, 1, 4)
         xq = xq.reshape(bsz, self.n_local_kv_heads, self.n_rep * seqlen, self.head_dim)
-        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
-        if mask is not None:
-            scores = scores.view(bsz, self.n_local_kv_heads, self.n_rep, seqlen, end) + mask
-        scores = F.softmax(scores.float(), dim=-1).type_as(xq).view(bsz, self.n_local_kv_heads, self.n_rep * seqlen, end)
-        output = torch.matmul(scores, values)  # (bs, n_local_kv_heads, n_rep * seqlen, head_dim)
+        if mask is not None and mask.dim() == 2:
+            mask = mask.repeat(self.n_rep, 1)  # (n_rep * seqlen, cache_len + seqlen), one copy per query head
+        # softmax(q k^T / sqrt(head_dim) + mask) v, as Meta's; fused, as in Meta's llama-models code.
+        output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask)
         output = output.view(bsz, self.n_local_kv_heads, self.n_rep, seqlen, self.head_dim).permute(0, 3, 1, 2, 4)
         return self.wo(output.reshape(bsz, seqlen, -1))
 
@@ -237,11 +236,11 @@ class Transformer(nn.Module):
                 mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask]).type_as(h)
         else:
             freqs_cis = self.freqs_cis[start_pos].view(bsz, 1, 1, -1)
-            # Each row sees its cache up to its own position: (bsz, 1, 1, 1, max position + 1)
+            # Each row sees its cache up to its own position: (bsz, 1, 1, max position + 1)
             keys = torch.arange(int(start_pos.max()) + 1, device=tokens.device)
             mask = torch.zeros(bsz, keys.numel(), device=tokens.device, dtype=h.dtype)
             mask.masked_fill_(keys[None, :] > start_pos[:, None], float("-inf"))
-            mask = mask.view(bsz, 1, 1, 1, -1)
+            mask = mask.view(bsz, 1, 1, -1)
 
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask, first_row)

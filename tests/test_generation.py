@@ -67,12 +67,19 @@ def test_batch_rows_equal_separate_runs(llama3):
     assert together == alone
 
 
+# A random model's next-token distribution is nearly flat over 128256 tokens, so at temperature 1
+# the last-bit differences between a cached step and the reference's full recompute decide some
+# draws (with Meta's own attention too). 0.3 sharpens it enough for those to vanish while many
+# tokens stay likely, so drawing in another order than Meta's still changes the result.
+SAMPLING = {"temperature": 0.3, "top_p": 0.95}
+
+
 def test_seeded_sampling_draws_as_meta(llama3):
     prompts = encode_all(llama3, RAGGED)
     torch.manual_seed(7)
-    tokens, _ = llama3.generate(prompts, max_gen_len=8, temperature=1.0, top_p=0.95)
+    tokens, _ = llama3.generate(prompts, max_gen_len=8, **SAMPLING)
     torch.manual_seed(7)
-    ref_tokens, _ = reference_generate(llama3, prompts, max_gen_len=8, temperature=1.0, top_p=0.95)
+    ref_tokens, _ = reference_generate(llama3, prompts, max_gen_len=8, **SAMPLING)
     assert tokens == ref_tokens
 
 
@@ -80,9 +87,9 @@ def test_seeded_sampling_of_equal_length_prompts_draws_as_meta(llama3):
     prompts = encode_all(llama3, ["one two three", "four five six"])
     assert len(prompts[0]) == len(prompts[1])
     torch.manual_seed(3)
-    tokens, _ = llama3.generate(prompts, max_gen_len=8, temperature=0.8, top_p=0.9)
+    tokens, _ = llama3.generate(prompts, max_gen_len=8, **SAMPLING)
     torch.manual_seed(3)
-    ref_tokens, _ = reference_generate(llama3, prompts, max_gen_len=8, temperature=0.8, top_p=0.9)
+    ref_tokens, _ = reference_generate(llama3, prompts, max_gen_len=8, **SAMPLING)
     assert tokens == ref_tokens
 
 

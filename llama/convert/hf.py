@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from llama.checkpoint import CheckpointError
+from llama.checkpoint import CheckpointError, read_json_object
 from llama.convert.meta import (
     LLAMA3_ROPE_SCALING,
     MetaTensors,
@@ -103,13 +103,7 @@ def read_config(folder: Path) -> Dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json; a Hugging Face model folder needs it beside the weights")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); download it again") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} should hold a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(path)
 
 
 def params_from_config(config: Dict[str, Any], path: Path) -> Dict[str, Any]:
