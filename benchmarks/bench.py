@@ -207,27 +207,19 @@ def run_plan(generate, plan: dict, ragged: bool) -> Dict[str, float]:
 
 # --- transformers' Llama on the same weights --------------------------------------------------
 
-def to_hf_state_dict(sd: Dict[str, torch.Tensor], n_heads: int, n_kv_heads: int, dim: int) -> Dict[str, torch.Tensor]:
-    """Meta's keys and interleaved RoPE rows -> transformers' keys and rotate-half rows."""
-    def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
-        head_dim = w.shape[0] // heads
-        return w.view(heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(-1, dim)
+def to_hf_state_dict(sd: Dict[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> Dict[str, torch.Tensor]:
+    """Meta's keys and interleaved RoPE rows -> transformers' keys and rotate-half rows (llama.convert)."""
+    from llama.checkpoint import IGNORED_KEYS
+    from llama.convert.hf import hf_name, to_rotate_half
 
-    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-             "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
-           "lm_head.weight": sd.get("output.weight", sd["tok_embeddings.weight"])}
+    rope_heads = {"attention.wq.weight": n_heads, "attention.wk.weight": n_kv_heads}
+    out = {}
     for key, w in sd.items():
-        if not key.startswith("layers."):
+        if key in IGNORED_KEYS:
             continue
-        _, i, rest = key.split(".", 2)
-        module = rest.rsplit(".", 1)[0]
-        if module == "attention.wq":
-            w = permute(w, n_heads)
-        elif module == "attention.wk":
-            w = permute(w, n_kv_heads)
-        out[f"model.layers.{i}.{names[module]}.weight"] = w
+        heads = next((h for suffix, h in rope_heads.items() if key.endswith(suffix)), None)
+        out[hf_name(key)] = to_rotate_half(w, heads) if heads else w
+    out.setdefault("lm_head.weight", out["model.embed_tokens.weight"])  # tied output
     return out
 
 
@@ -240,18 +232,18 @@ def bench_hf(ckpt_dir: Path, vocab_size: int, dtype: str, plan: dict) -> Optiona
     from checkpoints import ffn_hidden_dim
     from llama.args import ModelArgs
     from llama.checkpoint import load_shard, read_params
+    from llama.convert.meta import LLAMA3_ROPE_SCALING
 
     params = read_params(str(ckpt_dir))
     args = ModelArgs.from_params({**params, "vocab_size": vocab_size})
     n_kv = args.n_kv_heads or args.n_heads
-    rope_scaling = ({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192} if args.use_scaled_rope else None)
+    rope_scaling = {"rope_type": "llama3", **LLAMA3_ROPE_SCALING} if args.use_scaled_rope else None
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=args.dim, intermediate_size=ffn_hidden_dim(args),
                          num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=n_kv,
                          rms_norm_eps=args.norm_eps, rope_theta=params.get("rope_theta", 10000.0), rope_scaling=rope_scaling,
                          max_position_embeddings=plan["max_seq_len"], tie_word_embeddings=False)
     shards = sorted(ckpt_dir.glob("*.pth"))
-    sd = to_hf_state_dict(load_shard(shards[0]), args.n_heads, n_kv, args.dim)
+    sd = to_hf_state_dict(load_shard(shards[0]), args.n_heads, n_kv)
     model = LlamaForCausalLM(config)  # not on "meta": the RoPE buffers must be real
     model.load_state_dict({k: v.to(DTYPES[dtype]) for k, v in sd.items()}, strict=True, assign=True)
     model.eval()
@@ -322,13 +314,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         log("our Llama.generate")
         from llama.checkpoint import load_shard
 
-        sd = load_shard(sorted(ckpt_dir.glob("*.pth"))[0])
-        n_params = sum(v.numel() for k, v in sd.items() if k != "rope.freqs")
-        # A tied output is a second matrix the model holds and streams every step.
-        if "output.weight" not in sd:
-            n_params += sd["tok_embeddings.weight"].numel()
-        del sd
+        shards = [load_shard(path) for path in sorted(ckpt_dir.glob("*.pth"))]
+        n_params = sum(v.numel() for sd in shards for k, v in sd.items() if k != "rope.freqs")
+        # A step reads one row of the input embedding but all of every matrix after it; a tied
+        # output is the embedding read whole. Both prefill FLOPs and decode bytes follow that.
+        n_streamed = n_params if "output.weight" not in shards[0] else n_params - sum(sd["tok_embeddings.weight"].numel() for sd in shards)
+        del shards
         weight_bytes = n_params * torch.finfo(DTYPES[a.dtype]).bits // 8
+        streamed_bytes = n_streamed * torch.finfo(DTYPES[a.dtype]).bits // 8
         ours = bench_ours(ckpt_dir, tokenizer, a.dtype, plan)
         formats = {}
         if a.dtype == "fp32" and a.weight_formats:
@@ -341,17 +334,17 @@ def main(argv: Optional[List[str]] = None) -> None:
             log("transformers' LlamaForCausalLM.generate")
             theirs = bench_hf(ckpt_dir, vocab_size, a.dtype, plan)
 
-    decode_ceiling = bandwidth / weight_bytes
-    prefill_ceiling = flops / (2 * n_params)
+    decode_ceiling = bandwidth / streamed_bytes
+    prefill_ceiling = flops / (2 * n_streamed)
     result = {
-        "model": a.model, "dtype": a.dtype, "params": n_params, "weight_bytes": weight_bytes, "checkpoint_bytes": weight_bytes_ckpt,
+        "model": a.model, "dtype": a.dtype, "params": n_params, "streamed_params": n_streamed, "weight_bytes": weight_bytes, "checkpoint_bytes": weight_bytes_ckpt,
         "threads": torch.get_num_threads(), "plan": plan,
         "load_seconds": load["seconds"], "load_peak_rss_bytes": load["peak_rss_bytes"], "baseline_rss_bytes": base,
         "matvec_bytes_per_s": bandwidth, "matmul_flops": flops,
         "decode_ceiling_tok_s": decode_ceiling, "prefill_ceiling_tok_s": prefill_ceiling,
         "ours": ours, "hf": theirs,
         "weight_formats": {
-            f: {**r, "decode_ceiling_tok_s": (format_bandwidth[f] / (n_params * {"bf16": 2, "int8": 1}[f])) if format_bandwidth[f] else None}
+            f: {**r, "decode_ceiling_tok_s": (format_bandwidth[f] / (n_streamed * {"bf16": 2, "int8": 1}[f])) if format_bandwidth[f] else None}
             for f, r in formats.items()
         },
     }

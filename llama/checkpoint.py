@@ -209,13 +209,16 @@ def load_into(
             f"{path} does not match params.json and the model-parallel size: " + "; ".join(mismatched[:3])
         )
     linears = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, LocalProduct)}
-    converted = {}
+    converted: Dict[str, torch.Tensor] = {}
+    by_source: Dict[int, torch.Tensor] = {}  # a tied output shares its embedding's converted memory
     for k in expected:
         source = state_dict[k]
         if weight_format is not None and k in linears:
             converted[k], linears[k].weight_scale = pack_weight(source, weight_format, device)
+        elif id(source) in by_source:
+            converted[k] = by_source[id(source)]
         else:
-            converted[k] = source.to(device=device, dtype=dtype)
+            converted[k] = by_source[id(source)] = source.to(device=device, dtype=dtype)
         if converted[k].untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
             _page_out(source)
     model.requires_grad_(False)  # inference only; lets int8 weights be parameters

@@ -189,3 +189,13 @@ def test_checkpoint_without_output_weight_ties_it_to_the_embedding(tmp_path, lla
     del state_dict["output.weight"]
     generator = build(write_checkpoint(tmp_path / "llama-3.2-tiny", params, state_dict), llama3_tokenizer_path)
     torch.testing.assert_close(generator.model.output.weight, state_dict["tok_embeddings.weight"])
+
+
+def test_a_tied_output_shares_the_embeddings_memory_after_conversion(tmp_path, llama3_tokenizer_path):
+    params = {**TINY_PARAMS, "vocab_size": 128256}
+    state_dict = random_state_dict(ModelArgs.from_params(params), dtype=torch.bfloat16)
+    del state_dict["output.weight"]
+    generator = build(write_checkpoint(tmp_path / "tied", params, state_dict), llama3_tokenizer_path)  # bf16 -> fp32
+    model = generator.model
+    assert model.output.weight.dtype == torch.float32
+    assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
