@@ -69,8 +69,10 @@ class Llama:
 
         ckpt_dir is a Meta folder (params.json + consolidated.NN.pth), or a Hugging Face Llama
         folder or llama.cpp .gguf file, converted in memory. tokenizer_path may be None to use
-        the checkpoint's own (a Meta folder's tokenizer.model, or a converted source's vocabulary).
-        Any number of processes that divides the heads can load any number of shards. device defaults to this process's GPU, else the CPU; dtype (the compute dtype) to bf16 on
+        the checkpoint's own (a Meta folder's tokenizer file, or a converted source's vocabulary).
+        Any number of processes that divides the heads can load any number of shards.
+
+        device defaults to this process's GPU, else the CPU; dtype (the compute dtype) to bf16 on
         GPUs that have it (fp16 otherwise) and float32 on the CPU. weight_format stores the linear
         layers' weights compactly for faster decoding, at some accuracy: "bf16" or "int8" (per
         output channel); None keeps Meta's exact numerics (see llama.linear). All inputs are
@@ -135,8 +137,9 @@ class Llama:
         """Continue each prompt until a stop token or max_gen_len new tokens (Meta's algorithm).
 
         Each step samples one token for every row in Meta's order, so a seed gives the same tokens
-        as Meta's code (see _Steps for how ragged batches are sped up without changing them). Returns the new tokens (with the
-        prompt if echo) and, if logprobs, the log-probability of each returned token.
+        as Meta's code (see _Steps for how ragged batches are sped up without changing them).
+        Returns the new tokens (with the prompt if echo) and, if logprobs, the log-probability of
+        each returned token.
         """
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
         steps = self._generate_steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
