@@ -57,6 +57,24 @@ def test_two_processes_on_two_shards_equal_one_process(family, sharded, request)
     assert two.stdout == one.stdout  # only rank 0 prints, and prints the same
 
 
+def test_bf16_weights_on_two_processes_equal_one_process(sharded, llama3_tokenizer_path):
+    # bf16 rounds each weight alone, so a split weight is rounded as the whole one is.
+    folders = sharded("llama3")
+    common = ["example_text_completion.py", "--tokenizer_path", llama3_tokenizer_path, "--max_gen_len", 12,
+              "--temperature", 0, "--weight_format", "bf16"]
+    one = run(common + ["--ckpt_dir", folders[1]])
+    two = run(common + ["--ckpt_dir", folders[2]], nproc=2)
+    assert two.stdout == one.stdout
+
+
+def test_int8_weights_run_on_two_processes(sharded, llama3_tokenizer_path):
+    # int8 scales each output row over the columns a process holds, so a row-parallel weight is
+    # quantized per slice: close to, not the same as, one process. It must still run.
+    common = ["example_text_completion.py", "--tokenizer_path", llama3_tokenizer_path, "--max_gen_len", 12,
+              "--temperature", 0, "--weight_format", "int8", "--ckpt_dir", sharded("llama3")[2]]
+    assert run(common, nproc=2).stdout.count("==================================") == 4
+
+
 def test_seeded_sampling_is_the_same_on_every_rank_and_in_one_process(sharded, llama3_tokenizer_path):
     folders = sharded("llama3")
     common = ["example_text_completion.py", "--tokenizer_path", llama3_tokenizer_path, "--max_gen_len", 12]
