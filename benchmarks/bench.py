@@ -162,10 +162,6 @@ def build_ours(ckpt_dir: Path, tokenizer: Path, dtype: str, plan: dict, weight_f
     return generate
 
 
-def bench_ours(ckpt_dir: Path, tokenizer: Path, dtype: str, plan: dict) -> Dict[str, float]:
-    return run_plan(build_ours(ckpt_dir, tokenizer, dtype, plan), plan, ragged=True)
-
-
 # Greedy answers compared between exact mode and a compact weight format: real text, so that on
 # real weights the answers mean something (random prompts make near-ties everywhere).
 AGREEMENT_TEXTS = [
@@ -342,10 +338,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         del shards
         weight_bytes = n_params * torch.finfo(DTYPES[a.dtype]).bits // 8
         streamed_bytes = n_streamed * torch.finfo(DTYPES[a.dtype]).bits // 8
-        ours = bench_ours(ckpt_dir, tokenizer, a.dtype, plan)
+        generate = build_ours(ckpt_dir, tokenizer, a.dtype, plan)
+        ours = run_plan(generate, plan, ragged=True)
         formats = {}
         if a.dtype == "fp32" and a.weight_formats:
-            exact = build_ours(ckpt_dir, tokenizer, a.dtype, plan)(agreement_prompts(tokenizer), plan["decode"])
+            exact = generate(agreement_prompts(tokenizer), plan["decode"])
             for weight_format in a.weight_formats.split(","):
                 log(f"our Llama.generate with {weight_format} weights")
                 formats[weight_format] = bench_weight_format(ckpt_dir, tokenizer, a.dtype, plan, weight_format, exact)

@@ -59,17 +59,17 @@ class LocalProduct(torch.nn.Module):
 
     def local_product(self, x: torch.Tensor) -> torch.Tensor:
         w, scale = self.weight, self.weight_scale
+        if scale is None and w.dtype == x.dtype:
+            return F.linear(x, w)  # exact: Meta's product, nothing else on the hot path
         rows = x.numel() // x.shape[-1]
         if scale is not None:
             if rows <= DECODE_ROWS and x.device.type == "cpu":
                 y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), w, scale.to(torch.bfloat16))
                 return y.to(x.dtype).view(*x.shape[:-1], -1)
             return F.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
-        if w.dtype != x.dtype:
-            if rows <= DECODE_ROWS:
-                return F.linear(x.to(w.dtype), w).to(x.dtype)
-            return F.linear(x, w.to(x.dtype))
-        return F.linear(x, w)
+        if rows <= DECODE_ROWS:
+            return F.linear(x.to(w.dtype), w).to(x.dtype)
+        return F.linear(x, w.to(x.dtype))
 
 
 class ColumnParallelLinear(LocalProduct, fs_layers.ColumnParallelLinear):
