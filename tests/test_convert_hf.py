@@ -274,6 +274,15 @@ def test_meta_to_hf_copies_the_tokenizer_and_takes_its_special_ids(tmp_path, lla
     assert (config["bos_token_id"], config["eos_token_id"]) == (128000, 128001)
 
 
+def test_meta_to_hf_writes_null_for_a_vocabulary_without_bos(tmp_path, smollm2_gguf_path):
+    from llama.tokenizer_convert import write_tokenizer_from_gguf
+
+    src = meta_checkpoint(tmp_path / "meta")
+    write_tokenizer_from_gguf(smollm2_gguf_path, src)  # SmolLM2's tokenizer.json: no BOS token
+    config = json.loads((convert_meta_to_hf(src, tmp_path / "hf") / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (None, 2)
+
+
 # --- params.json from real configs; the FFN width ---
 
 LLAMA2_7B_CONFIG = {

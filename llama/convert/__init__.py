@@ -156,8 +156,9 @@ def _write_tokenizer(kind: str, src: Path, out: Path) -> Path:
     return write_tokenizer_from_hf(src, out) if kind == "hf" else write_tokenizer_from_gguf(src, out)
 
 
-def _special_ids(tokenizer_files) -> Dict[str, int]:
-    """bos/eos ids for config.json from the tokenizer file our Tokenizer reads, if there is one."""
+def _special_ids(tokenizer_files) -> Dict[str, Optional[int]]:
+    """bos/eos ids for config.json from the tokenizer file our Tokenizer reads, if there is one
+    (null for a token the vocabulary lacks, as transformers writes it; our Tokenizer says -1)."""
     from llama.tokenizer import Tokenizer
 
     for path in tokenizer_files:
@@ -165,7 +166,8 @@ def _special_ids(tokenizer_files) -> Dict[str, int]:
             tokenizer = Tokenizer(str(path))
         except ValueError:
             continue
-        return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+        return {key: (i if i >= 0 else None) for key, i in ids.items()}
     return {}
 
 
