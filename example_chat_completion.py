@@ -25,6 +25,7 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     weight_format: Optional[str] = None,
+    compile: bool = False,
     stream: bool = False,
 ):
     """
@@ -33,6 +34,7 @@ def main(
     by themselves. Dialogs are answered in batches of `max_batch_size`.
     `device` (cuda, cpu, mps) and `dtype` (bf16, fp16, fp32) override the automatic choice.
     `weight_format` (bf16, int8) stores the weights compactly: faster decoding, close but not exact.
+    `compile` compiles the decode step with torch.compile: slower start, faster tokens.
     Without --ckpt_dir, a small demo chat model is used (see llama/demo.py); without
     --tokenizer_path, the checkpoint's own tokenizer file.
     """
@@ -46,6 +48,7 @@ def main(
         device=device,
         dtype=dtype,
         weight_format=weight_format,
+        compile=compile,
     )
 
     dialogs: List[Dialog] = [

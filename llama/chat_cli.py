@@ -235,6 +235,7 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     weight_format: Optional[str] = None,
+    compile: bool = False,
     system_prompt: Optional[str] = None,
 ) -> None:
     """
@@ -243,6 +244,7 @@ def main(
     `max_gen_len` caps each answer (chat models stop by themselves). `device` (cuda, cpu, mps)
     and `dtype` (bf16, fp16, fp32) override the automatic choice; `weight_format` (bf16, int8)
     stores the weights compactly: faster answers, close to but not exactly the model's own.
+    `compile` compiles the decode step with torch.compile: slower start, faster answers.
     Without --ckpt_dir, a small demo chat model is used (see llama/demo.py); without
     --tokenizer_path, the checkpoint's own tokenizer file.
     """
@@ -257,6 +259,7 @@ def main(
         device=device,
         dtype=dtype,
         weight_format=weight_format,
+        compile=compile,
     )
     # fire turns a prompt such as "42" into a number.
     system_prompt = None if system_prompt is None else str(system_prompt)

@@ -64,6 +64,7 @@ class Llama:
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
         weight_format: Optional[str] = None,
+        compile: bool = False,
     ) -> "Llama":
         """Load a checkpoint and its tokenizer; one process per model-parallel shard.
 
@@ -75,8 +76,10 @@ class Llama:
         device defaults to this process's GPU, else the CPU; dtype (the compute dtype) to bf16 on
         GPUs that have it (fp16 otherwise) and float32 on the CPU. weight_format stores the linear
         layers' weights compactly for faster decoding, at some accuracy: "bf16" or "int8" (per
-        output channel); None keeps Meta's exact numerics (see llama.linear). All inputs are
-        checked before any weight is read.
+        output channel); None keeps Meta's exact numerics (see llama.linear). compile=True
+        decodes with a torch.compile'd step (Transformer.decode): compiled at the first
+        generate, then faster; logits equal to float rounding. All inputs are checked before any
+        weight is read.
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len and max_batch_size must be positive, got {max_seq_len} and {max_batch_size}")
@@ -113,6 +116,8 @@ class Llama:
             model = Transformer(model_args)
         load_into(model, checkpoint, ckpt_path, device, dtype, weight_format)
         del checkpoint
+        if compile:
+            model.compile_decode()
         logger.info(
             "Loaded %s in %.2f seconds (%s, %s%s)", ckpt_dir, time.time() - start_time, device, dtype,
             f", {weight_format} weights" if weight_format else "",
@@ -407,6 +412,8 @@ class _Steps:
 
     def _decode(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token per row at its position -> next logits (bsz, vocab)."""
+        if self.model.decode_compiled:
+            return self.model.decode(token[:, None], pos, int(pos.max()) + 1)
         start_pos: Union[int, torch.Tensor] = pos
         if bool((pos == pos[0]).all()):
             start_pos = int(pos[0])  # the whole batch at one position: Meta's path, no mask

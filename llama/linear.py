@@ -64,12 +64,25 @@ class LocalProduct(torch.nn.Module):
         rows = x.numel() // x.shape[-1]
         if scale is not None:
             if rows <= DECODE_ROWS and x.device.type == "cpu":
-                y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), w, scale.to(torch.bfloat16))
+                # The opaque op only where torch.compile needs it: eagerly it costs a dispatch per call.
+                product = _int8_product if torch.compiler.is_compiling() else torch._weight_int8pack_mm
+                y = product(x.reshape(rows, -1).to(torch.bfloat16), w, scale.to(torch.bfloat16))
                 return y.to(x.dtype).view(*x.shape[:-1], -1)
             return F.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
         if rows <= DECODE_ROWS:
             return F.linear(x.to(w.dtype), w).to(x.dtype)
         return F.linear(x, w.to(x.dtype))
+
+
+@torch.library.custom_op("llama::int8_product", mutates_args=())
+def _int8_product(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """torch's int8 weight-only kernel, as an opaque op: torch.compile cannot lower it inline."""
+    return torch._weight_int8pack_mm(x, w, scale)
+
+
+@_int8_product.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[0])
 
 
 class ColumnParallelLinear(LocalProduct, fs_layers.ColumnParallelLinear):

@@ -77,8 +77,12 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
     """Rotate interleaved (even, odd) pairs of q and k, Meta's RoPE layout, in float32.
 
     freqs_cis is (seqlen, head_dim // 2) for positions shared by the batch, or already
-    (bs, 1, 1, head_dim // 2) when each row is at its own position.
+    (bs, 1, 1, head_dim // 2) when each row is at its own position. It may also be given as
+    real (cos, sin) pairs, freqs_cis with a last dimension of 2: the same rotation in real
+    arithmetic, which torch.compile can generate code for (it cannot for complex numbers).
     """
+    if not freqs_cis.is_complex():
+        return _rotate_real(xq, freqs_cis), _rotate_real(xk, freqs_cis)
     xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
     xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
     if freqs_cis.ndim == 2:
@@ -86,6 +90,14 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
     xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
     xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
     return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def _rotate_real(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """(a + ib) * (cos + i sin) for each interleaved pair (a, b) of x; cos_sin (bs, 1, 1, head_dim // 2, 2)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(3).type_as(x)
 
 
 class Attention(nn.Module):
@@ -210,6 +222,8 @@ class Transformer(nn.Module):
         self.freqs_cis = precompute_freqs_cis(
             params.dim // params.n_heads, params.max_seq_len * 2, params.rope_theta, params.use_scaled_rope
         )
+        self.freqs_cos_sin = torch.view_as_real(self.freqs_cis)  # the same numbers, for real arithmetic
+        self.decode_compiled = False
 
     @torch.inference_mode()
     def forward(
@@ -223,8 +237,8 @@ class Transformer(nn.Module):
         the last position only (bsz, 1, vocab_size), all that sampling needs.
         """
         bsz, seqlen = tokens.shape
-        h = self.tok_embeddings(tokens)
-        self.freqs_cis = self.freqs_cis.to(h.device)
+        h = self._embed(tokens)
+        self._rope_to(h.device)
 
         mask = None
         if isinstance(start_pos, int):
@@ -236,15 +250,70 @@ class Transformer(nn.Module):
                 mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask]).type_as(h)
         else:
             freqs_cis = self.freqs_cis[start_pos].view(bsz, 1, 1, -1)
-            # Each row sees its cache up to its own position: (bsz, 1, 1, max position + 1)
-            keys = torch.arange(int(start_pos.max()) + 1, device=tokens.device)
-            mask = torch.zeros(bsz, keys.numel(), device=tokens.device, dtype=h.dtype)
-            mask.masked_fill_(keys[None, :] > start_pos[:, None], float("-inf"))
-            mask = mask.view(bsz, 1, 1, -1)
+            # Each row sees its cache up to its own position.
+            mask = _row_mask(start_pos, int(start_pos.max()) + 1, h.dtype)
+        return self._layers(h, start_pos, freqs_cis, mask, first_row, last_only)
 
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache_len: int) -> torch.Tensor:
+        """One token per row (bsz, 1) at per-row positions (bsz,), attending to the first cache_len
+        cached positions -> float32 logits (bsz, vocab_size).
+
+        forward(tokens, positions)'s step in the form torch.compile compiles once for any batch
+        size and length (Llama.build(compile=True)): RoPE in real arithmetic (no complex
+        numbers), the attended length carried by the mask's shape (no reading of positions on
+        the host). Its logits equal forward's up to float rounding.
+        """
+        mask = _row_mask(positions, cache_len, self.tok_embeddings.weight.dtype)
+        return self._masked_step(tokens, positions, mask)
+
+    @torch.no_grad()
+    def _masked_step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self._embed(tokens)
+        self._rope_to(h.device)
+        freqs = self.freqs_cos_sin[positions][:, None, None]  # (bsz, 1, 1, head_dim // 2, 2)
+        return self._layers(h, positions, freqs, mask, 0, True)[:, -1]
+
+    def compile_decode(self) -> None:
+        """Make decode run a torch.compile'd step, compiled on its first call with the batch size
+        and the attended length symbolic: no recompiling when they change (a batch of one is
+        specialized, so a first other batch size compiles once more)."""
+        compiled = torch.compile(self._masked_step)
+
+        def step(tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            for t, dims in ((tokens, (0,)), (positions, (0,)), (mask, (0, 3))):
+                for dim in dims:
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+            return compiled(tokens, positions, mask)
+
+        self._masked_step = step
+        self.decode_compiled = True
+
+    def _rope_to(self, device: torch.device) -> None:
+        if self.freqs_cis.device != device:
+            self.freqs_cis = self.freqs_cis.to(device)
+            self.freqs_cos_sin = torch.view_as_real(self.freqs_cis)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if fs_init.get_model_parallel_world_size() == 1:
+            # fairscale's embedding in a world of one, minus collectives torch.compile cannot trace.
+            return F.embedding(tokens, self.tok_embeddings.weight)
+        return self.tok_embeddings(tokens)
+
+    def _layers(
+        self, h: torch.Tensor, start_pos: Union[int, torch.Tensor], freqs_cis: torch.Tensor, mask: Optional[torch.Tensor],
+        first_row: int, last_only: bool,
+    ) -> torch.Tensor:
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask, first_row)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
         return self.output(h).float()
+
+
+def _row_mask(positions: torch.Tensor, cache_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """(bsz, 1, 1, cache_len) additive mask: row i sees cached positions <= positions[i]."""
+    keys = torch.arange(cache_len, device=positions.device)
+    mask = torch.zeros(positions.shape[0], cache_len, device=positions.device, dtype=dtype)
+    mask.masked_fill_(keys[None, :] > positions[:, None], float("-inf"))
+    return mask.view(positions.shape[0], 1, 1, cache_len)

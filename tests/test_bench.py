@@ -5,24 +5,57 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench  # noqa: E402
 
 
-def test_bench_quick_prints_every_row_and_valid_json(tmp_path):
-    out_json = tmp_path / "bench.json"
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """(table, result) of a quick run on the tiny synthetic model."""
+    out_json = tmp_path_factory.mktemp("bench") / "bench.json"
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--model", "tiny", "--quick", "--json", str(out_json)],
         capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = [line.split("|")[1].strip() for line in run.stdout.splitlines() if line.startswith("| ")]
+    return run.stdout, json.loads(out_json.read_text())
+
+
+def row_labels(table: str):
+    return [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+
+
+def test_bench_quick_prints_every_row_and_valid_json(quick_run):
+    table, result = quick_run
+    rows = row_labels(table)
     for label in ("load time", "load peak RSS", "prefill 32 tokens", "prefill 128 tokens", "decode batch 1", "decode batch 4",
-                  "ragged batch", "even batch", "decode batch 1, bf16 weights", "decode batch 1, int8 weights"):
-        assert any(r.startswith(label) for r in rows), f"no row {label!r} in:\n{run.stdout}"
-    result = json.loads(out_json.read_text())
+                  "ragged batch", "even batch", "decode batch 1, compiled step", "decode batch 1, bf16 weights",
+                  "decode batch 1, int8 weights"):
+        assert any(r.startswith(label) for r in rows), f"no row {label!r} in:\n{table}"
     assert set(result["ours"]) == {"prefill_32", "prefill_128", "decode_b1", "decode_b4", "ragged", "even"}
     assert all(v > 0 for v in result["ours"].values())
+    assert result["compiled"]["decode_b1"] > 0 and result["compiled"]["compile_seconds"] > 0
     for weight_format in ("bf16", "int8"):
         measured = result["weight_formats"][weight_format]
         assert measured["decode_b1"] > 0 and 0 <= measured["greedy_agreement"] <= 1
     assert result["load_peak_rss_bytes"] > result["weight_bytes"] > 0
+
+
+def test_llama_cpp_figures_get_their_own_columns(quick_run):
+    _, result = quick_run
+    ours = result["ours"]
+    result["llama_cpp"] = {
+        "exact": {"prefill_32": ours["prefill_32"] / 2, "prefill_128": ours["prefill_128"], "decode_b1": ours["decode_b1"] * 2},
+        "f16": {"decode_b1": result["weight_formats"]["bf16"]["decode_b1"] / 4},
+    }
+    lines = bench.render_table(result).splitlines()
+    assert lines[2].endswith("| llama.cpp | ours / llama.cpp |")
+    cells = {line.split("|")[1].strip().split(" (")[0]: line.split("|")[-3:-1] for line in lines if line.startswith("| ")}
+    assert [c.strip() for c in cells["prefill 32 tokens"]][1] == "2.00"
+    assert [c.strip() for c in cells["decode batch 1"]][1] == "0.50"
+    assert [c.strip() for c in cells["decode batch 1, bf16 weights"]][1] == "4.00"
+    assert [c.strip() for c in cells["decode batch 4"]] == ["", ""]

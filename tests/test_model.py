@@ -8,7 +8,7 @@ import torch
 from checkpoints import TINY_PARAMS, ffn_hidden_dim, random_state_dict
 from llama.args import ModelArgs
 from llama.distributed import default_device_and_dtype
-from llama.model import Transformer, precompute_freqs_cis
+from llama.model import Transformer, apply_rotary_emb, precompute_freqs_cis
 
 VOCAB = 512
 
@@ -100,6 +100,29 @@ def test_rows_at_their_own_positions_equal_each_row_alone(model_parallel):
     positions = torch.tensor(lengths)
     together = model.forward(tokens[torch.arange(3), positions][:, None], positions)
     torch.testing.assert_close(together[:, 0], torch.stack(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_static_shape_decode_gives_forward_logits(model_parallel):
+    model = tiny_model()
+    lengths = [5, 11, 8]
+    tokens = torch.randint(0, VOCAB, (3, 13), generator=torch.Generator().manual_seed(4))
+    for i, n in enumerate(lengths):
+        model.forward(tokens[i : i + 1, :n], 0, first_row=i)
+    for step in range(2):
+        positions = torch.tensor(lengths) + step
+        step_tokens = tokens[torch.arange(3), positions][:, None]
+        decoded = model.decode(step_tokens, positions, int(positions.max()) + 1)
+        # forward writes the same keys and values to the cache again: same state for the next step.
+        torch.testing.assert_close(decoded, model.forward(step_tokens, positions)[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_rotation_in_real_arithmetic_equals_the_complex_one():
+    q, k = torch.randn(2, 1, 4, 16), torch.randn(2, 1, 2, 16)
+    freqs_cis = precompute_freqs_cis(16, 32)[torch.tensor([3, 17])].view(2, 1, 1, -1)
+    complex_q, complex_k = apply_rotary_emb(q, k, freqs_cis)
+    real_q, real_k = apply_rotary_emb(q, k, torch.view_as_real(freqs_cis))
+    torch.testing.assert_close(real_q, complex_q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(real_k, complex_k, atol=1e-6, rtol=1e-6)
 
 
 def test_last_only_logits_are_the_last_position(model_parallel):

@@ -109,3 +109,10 @@ def test_corrupt_shard_on_one_rank_ends_the_whole_run(sharded, llama3_tokenizer_
                  nproc=2, check=False)
     assert result.returncode != 0
     assert "consolidated.01.pth" in result.stderr
+
+
+def test_compiled_decoding_on_two_processes_equals_eager(sharded, llama3_tokenizer_path):
+    # Each process compiles its step; the collectives between its pieces run eagerly.
+    common = ["example_text_completion.py", "--tokenizer_path", llama3_tokenizer_path, "--max_gen_len", 12,
+              "--temperature", 0, "--ckpt_dir", sharded("llama3")[2]]
+    assert run(common + ["--compile"], nproc=2).stdout == run(common, nproc=2).stdout

@@ -1,0 +1,56 @@
+"""Opt-in compiled decoding (Llama.build(compile=True)): Meta's step, compiled once."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from llama import Llama
+
+PROMPTS = [[128000, 40, 1093, 311], [128000, 791, 3938, 315, 9822, 374, 12366, 11, 323]]
+
+
+@pytest.fixture(scope="module")
+def compiled(llama3_ckpt, llama3_tokenizer_path):
+    """A compiled generator, with the graph breaks its first (compiling) generation met."""
+    generator = Llama.build(str(llama3_ckpt), str(llama3_tokenizer_path), max_seq_len=64, max_batch_size=4, compile=True)
+    counters.clear()
+    first = generator.generate(PROMPTS, max_gen_len=12, temperature=0, logprobs=True)
+    return generator, first, dict(counters["graph_break"])
+
+
+def test_the_decode_step_compiles_into_one_graph(compiled):
+    _, _, graph_breaks = compiled
+    assert graph_breaks == {}
+
+
+def test_greedy_tokens_equal_eager_decoding(compiled, llama3):
+    _, (tokens, _), _ = compiled
+    expected, _ = llama3.generate(PROMPTS, max_gen_len=12, temperature=0, logprobs=True)
+    assert tokens == expected
+
+
+def test_logprobs_equal_eager_decoding_to_float_rounding(compiled, llama3):
+    _, (_, logprobs), _ = compiled
+    _, expected = llama3.generate(PROMPTS, max_gen_len=12, temperature=0, logprobs=True)
+    for got, want in zip(logprobs, expected):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=1e-4)
+
+
+def test_another_batch_size_and_length_reuse_the_compiled_step(compiled, llama3):
+    generator, _, _ = compiled
+    prompts = [[128000, 40] * 10] * 3
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got = generator.generate(prompts, max_gen_len=6, temperature=0)[0]
+    assert got == llama3.generate(prompts, max_gen_len=6, temperature=0)[0]
+
+
+@pytest.mark.parametrize("weight_format", ["bf16", "int8"])
+def test_compact_weights_compile_into_one_graph_with_their_eager_tokens(weight_format, llama3_ckpt, llama3_tokenizer_path):
+    def build(compile: bool) -> Llama:
+        return Llama.build(str(llama3_ckpt), str(llama3_tokenizer_path), 64, 2, weight_format=weight_format, compile=compile)
+
+    eager, compiled = build(False), build(True)
+    counters.clear()
+    got = compiled.generate(PROMPTS, max_gen_len=8, temperature=0)[0]
+    assert dict(counters["graph_break"]) == {}
+    assert got == eager.generate(PROMPTS, max_gen_len=8, temperature=0)[0]
