@@ -147,11 +147,11 @@ def time_generate(generate, lengths: List[int], max_gen_len: int) -> float:
     return time.perf_counter() - t0
 
 
-def build_ours(ckpt_dir: Path, tokenizer: Path, dtype: str, plan: dict, weight_format: Optional[str] = None):
+def build_ours(ckpt_dir: Path, tokenizer: Path, dtype: str, plan: dict, weight_format: Optional[str] = None, compile: bool = False):
     from llama import Llama
 
     generator = Llama.build(str(ckpt_dir), str(tokenizer), max_seq_len=plan["max_seq_len"], max_batch_size=4,
-                            device="cpu", dtype=DTYPES[dtype], weight_format=weight_format)
+                            device="cpu", dtype=DTYPES[dtype], weight_format=weight_format, compile=compile)
     generator.tokenizer.stop_tokens = set()  # random weights may greedily pick a stop token: decode them all
 
     def generate(prompts, n):
@@ -179,11 +179,17 @@ def agreement_prompts(tokenizer: Path) -> List[List[int]]:
     return [t.encode(text, bos=True, eos=False) for text in AGREEMENT_TEXTS]
 
 
-def bench_weight_format(ckpt_dir: Path, tokenizer: Path, dtype: str, plan: dict, weight_format: str, exact: List[List[int]]) -> Dict[str, float]:
-    """Decode tokens/s at batch 1 with compact weights, and how much of exact mode's greedy answers
-    it repeats (the mean share of each answer before the first different token)."""
-    generate = build_ours(ckpt_dir, tokenizer, dtype, plan, weight_format)
-    r = decode_rates(generate, plan, batch_sizes=(1,))
+def bench_variant(ckpt_dir: Path, tokenizer: Path, dtype: str, plan: dict, exact: List[List[int]],
+                  weight_format: Optional[str] = None, compile: bool = False) -> Dict[str, float]:
+    """Decode tokens/s at batch 1 with compact weights or a compiled step, and how much of exact
+    mode's greedy answers it repeats (the mean share of each answer before the first different
+    token). A compiled step's first generation (the compilation) is timed apart."""
+    generate = build_ours(ckpt_dir, tokenizer, dtype, plan, weight_format, compile)
+    r: Dict[str, float] = {}
+    if compile:
+        log("  compiling the decode step")
+        r["compile_seconds"] = time_generate(generate, [plan["decode_prompt"]], 2)
+    r.update(decode_rates(generate, plan, batch_sizes=(1,)))
     shares = []
     for answer, reference in zip(generate(agreement_prompts(tokenizer), plan["decode"]), exact):
         same = next((i for i, (a, b) in enumerate(zip(answer, reference)) if a != b), len(answer))
@@ -274,6 +280,35 @@ def bench_hf(ckpt_dir: Path, vocab_size: int, dtype: str, plan: dict) -> Optiona
     return run_plan(generate, plan, ragged=False)
 
 
+# --- llama.cpp (llama-cpp-python) on a GGUF of the same weights ------------------------------
+
+def bench_llama_cpp(gguf: Path, plan: dict) -> Dict[str, float]:
+    """Prefill and batch-1 decode tokens/s of llama.cpp on the machine's cores, timed as ours."""
+    import llama_cpp
+
+    n_threads = torch.get_num_threads()
+    model = llama_cpp.Llama(model_path=str(gguf), n_ctx=plan["max_seq_len"], n_batch=max(plan["prefill"]),
+                            n_threads=n_threads, n_threads_batch=n_threads, verbose=False)
+
+    def evaluate(tokens: List[int]) -> float:
+        t0 = time.perf_counter()
+        model.eval(tokens)
+        return time.perf_counter() - t0
+
+    r: Dict[str, float] = {}
+    model.eval(prompts_of([8])[0])  # warm-up
+    for n in plan["prefill"]:
+        log(f"  prefill {n}")
+        model.reset()
+        r[f"prefill_{n}"] = n / evaluate(prompts_of([n])[0])
+    log("  decode batch 1")
+    model.reset()
+    prompt, new = prompts_of([plan["decode_prompt"] + plan["decode"]])[0], plan["decode"]
+    model.eval(prompt[: plan["decode_prompt"]])
+    r["decode_b1"] = new / sum(evaluate([t]) for t in prompt[plan["decode_prompt"] :])
+    return r
+
+
 # --- the table --------------------------------------------------------------------------------
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -288,6 +323,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip transformers' side-by-side run")
     p.add_argument("--weight-formats", dest="weight_formats", default="bf16,int8",
                    help="compact weight formats to measure beside exact fp32 (comma-separated; '' for none)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled decode step's row")
+    p.add_argument("--llama-cpp", dest="llama_cpp", metavar="GGUF",
+                   help="also time llama.cpp (llama-cpp-python) on this GGUF of the same weights, in the compute dtype")
+    p.add_argument("--llama-cpp-f16", dest="llama_cpp_f16", metavar="GGUF", help="... and on this F16 GGUF, beside the bf16 weights row")
     a = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -340,12 +379,21 @@ def main(argv: Optional[List[str]] = None) -> None:
         streamed_bytes = n_streamed * torch.finfo(DTYPES[a.dtype]).bits // 8
         generate = build_ours(ckpt_dir, tokenizer, a.dtype, plan)
         ours = run_plan(generate, plan, ragged=True)
+        exact = generate(agreement_prompts(tokenizer), plan["decode"])
+        compiled = None
+        if a.compile:
+            log("our Llama.generate with a compiled decode step")
+            compiled = bench_variant(ckpt_dir, tokenizer, a.dtype, plan, exact, compile=True)
         formats = {}
         if a.dtype == "fp32" and a.weight_formats:
-            exact = generate(agreement_prompts(tokenizer), plan["decode"])
             for weight_format in a.weight_formats.split(","):
                 log(f"our Llama.generate with {weight_format} weights")
-                formats[weight_format] = bench_weight_format(ckpt_dir, tokenizer, a.dtype, plan, weight_format, exact)
+                formats[weight_format] = bench_variant(ckpt_dir, tokenizer, a.dtype, plan, exact, weight_format)
+        llama_cpp = {}
+        for key, gguf in (("exact", a.llama_cpp), ("f16", a.llama_cpp_f16)):
+            if gguf:
+                log(f"llama.cpp on {gguf}")
+                llama_cpp[key] = bench_llama_cpp(Path(gguf), plan)
         theirs = None
         if not a.no_hf:
             log("transformers' LlamaForCausalLM.generate")
@@ -359,7 +407,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "load_seconds": load["seconds"], "load_peak_rss_bytes": load["peak_rss_bytes"], "baseline_rss_bytes": base,
         "matvec_bytes_per_s": bandwidth, "matmul_flops": flops,
         "decode_ceiling_tok_s": decode_ceiling, "prefill_ceiling_tok_s": prefill_ceiling,
-        "ours": ours, "hf": theirs,
+        "ours": ours, "hf": theirs, "compiled": compiled, "llama_cpp": llama_cpp,
         "weight_formats": {
             f: {**r, "decode_ceiling_tok_s": (format_bandwidth[f] / (n_streamed * {"bf16": 2, "int8": 1}[f])) if format_bandwidth[f] else None}
             for f, r in formats.items()
@@ -374,25 +422,37 @@ def main(argv: Optional[List[str]] = None) -> None:
 def render_table(r: dict) -> str:
     plan = r["plan"]
     gib = 2**30
+    llama_cpp = r.get("llama_cpp") or {}
+    header = ["row", "ours", "ceiling", "of ceiling", "transformers", "ours / transformers"]
+    header += ["llama.cpp", "ours / llama.cpp"] if llama_cpp else []
     lines = [
         f"**{r['model']}**, {r['dtype']}, {r['params'] / 1e6:.1f} M parameters ({r['weight_bytes'] / gib:.2f} GiB in {r['dtype']}), "
         f"{r['threads']} threads; matrix-vector {r['matvec_bytes_per_s'] / 1e9:.1f} GB/s, fp32 matmul {r['matmul_flops'] / 1e9:.0f} GFLOP/s",
         "",
-        "| row | ours | ceiling | of ceiling | transformers | ours / transformers |",
-        "|---|---|---|---|---|---|",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
     ]
+
+    def versus(value: float, other: Optional[float]) -> List[str]:
+        """Cells for another figure in tok/s and value's fraction of it."""
+        return [f"{other:.1f} tok/s", f"{value / other:.2f}"] if other else ["", ""]
+
+    def add(label: str, ours: str, ceiling: List[str], hf: List[str], cpp: List[str]) -> None:
+        lines.append("| " + " | ".join([label, ours] + ceiling + hf + (cpp if llama_cpp else [])) + " |")
+
+    def tok_s(label: str, value: float, ceiling: Optional[float], hf: Optional[float] = None, cpp: Optional[float] = None) -> None:
+        ceiling_cells = [f"{ceiling:.1f} tok/s", f"{value / ceiling:.0%}"] if ceiling else ["", ""]
+        add(label, f"{value:.1f} tok/s", ceiling_cells, versus(value, hf), versus(value, cpp))
+
+    none = ["", ""]
     extra = r["load_peak_rss_bytes"] - r["baseline_rss_bytes"]
-    lines.append(f"| load time | {r['load_seconds']:.2f} s | | | | |")
-    lines.append(f"| load peak RSS | {r['load_peak_rss_bytes'] / gib:.2f} GiB (+{extra / gib:.2f} over import) | "
-                 f"{r['weight_bytes'] / gib:.2f} GiB weights | {extra / r['weight_bytes']:.2f}x weights | | |")
-    hf = r["hf"] or {}
+    add("load time", f"{r['load_seconds']:.2f} s", none, none, none)
+    add("load peak RSS", f"{r['load_peak_rss_bytes'] / gib:.2f} GiB (+{extra / gib:.2f} over import)",
+        [f"{r['weight_bytes'] / gib:.2f} GiB weights", f"{extra / r['weight_bytes']:.2f}x weights"], none, none)
+    hf, exact_cpp = r["hf"] or {}, llama_cpp.get("exact", {})
 
     def row(label: str, key: str, ceiling: Optional[float]) -> None:
-        ours = r["ours"][key]
-        cells = [f"{ours:.1f} tok/s"]
-        cells += [f"{ceiling:.1f} tok/s", f"{ours / ceiling:.0%}"] if ceiling else ["", ""]
-        cells += [f"{hf[key]:.1f} tok/s", f"{ours / hf[key]:.2f}"] if key in hf else ["", ""]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        tok_s(label, r["ours"][key], ceiling, hf.get(key), exact_cpp.get(key))
 
     for n in plan["prefill"]:
         row(f"prefill {n} tokens", f"prefill_{n}", r["prefill_ceiling_tok_s"])
@@ -402,10 +462,15 @@ def render_table(r: dict) -> str:
     even = (short + long) // 2
     row(f"ragged batch {short}+{long} ({plan['ragged_gen']} new each)", "ragged", None)
     row(f"even batch {even}+{even} ({plan['ragged_gen']} new each)", "even", None)
+    compiled = r.get("compiled")
+    if compiled:
+        label = (f"decode batch 1, compiled step (compiling took {compiled['compile_seconds']:.0f} s; "
+                 f"greedy answers = exact for their first {compiled['greedy_agreement']:.0%})")
+        tok_s(label, compiled["decode_b1"], r["decode_ceiling_tok_s"], cpp=exact_cpp.get("decode_b1"))
     for weight_format, f in r.get("weight_formats", {}).items():
-        ceiling = f["decode_ceiling_tok_s"]
-        cells = [f"{f['decode_b1']:.1f} tok/s"] + ([f"{ceiling:.1f} tok/s", f"{f['decode_b1'] / ceiling:.0%}"] if ceiling else ["", ""])
-        lines.append(f"| decode batch 1, {weight_format} weights (greedy answers = exact for their first {f['greedy_agreement']:.0%}) | " + " | ".join(cells) + " | | |")
+        label = f"decode batch 1, {weight_format} weights (greedy answers = exact for their first {f['greedy_agreement']:.0%})"
+        cpp = llama_cpp.get("f16", {}).get("decode_b1") if weight_format == "bf16" else None
+        tok_s(label, f["decode_b1"], f["decode_ceiling_tok_s"], cpp=cpp)
     return "\n".join(lines)
 
 
