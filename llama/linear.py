@@ -5,13 +5,17 @@ local weight changes, so that a model can be loaded in a compact, lossy weight f
 
 - exact (None): weights in the compute dtype, Meta's numerics.
 - "bf16": weights stored in bfloat16 (half of fp32's bytes), activations in the compute dtype.
-  A decode step (a few rows) multiplies in bf16, which streams half the bytes; a prefill
-  (many rows) upcasts the weight, because bf16 matrix products are slow on many CPUs.
+  A decode step (a few rows) multiplies in bf16, which streams half the bytes. A prefill (many
+  rows) multiplies in bf16 too where bf16 matrix products are fast (GPUs; CPUs with AMX or
+  AVX512-BF16, where they outrun fp32 several times); elsewhere (AVX2 CPUs, where they run
+  hundreds of times slower than fp32) it upcasts the weight.
 - "int8": symmetric int8 per output channel with a float scale (a quarter of fp32's bytes). On
   the CPU a decode step uses torch's int8 weight-only kernel (activations rounded to bf16);
-  elsewhere, and for a prefill, the weight is dequantized on the fly.
+  elsewhere, and for a prefill, the weight is dequantized on the fly (to bf16 where bf16
+  products are fast: int8 values are exact in bf16).
 """
 
+import functools
 from typing import Optional, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -48,6 +52,18 @@ def pack_weight(weight: torch.Tensor, weight_format: str, device: torch.device) 
     return q, scale
 
 
+@functools.lru_cache(maxsize=None)
+def fast_bf16_products(device_type: str) -> bool:
+    """Whether bf16 matrix products (many rows) are fast on this kind of device: CUDA GPUs, and
+    CPUs whose oneDNN kernels use AMX or AVX512-BF16 instructions."""
+    if device_type == "cuda":
+        return True
+    if device_type != "cpu":
+        return False
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch's own CPU feature checks
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 class LocalProduct(torch.nn.Module):
     """x @ W.T with this process's slice of the weight, in whichever format it is stored.
 
@@ -68,8 +84,10 @@ class LocalProduct(torch.nn.Module):
                 product = _int8_product if torch.compiler.is_compiling() else torch._weight_int8pack_mm
                 y = product(x.reshape(rows, -1).to(torch.bfloat16), w, scale.to(torch.bfloat16))
                 return y.to(x.dtype).view(*x.shape[:-1], -1)
+            if fast_bf16_products(x.device.type):
+                return (F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)) * scale.to(torch.bfloat16)).to(x.dtype)
             return F.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
-        if rows <= DECODE_ROWS:
+        if rows <= DECODE_ROWS or fast_bf16_products(x.device.type):
             return F.linear(x.to(w.dtype), w).to(x.dtype)
         return F.linear(x, w.to(x.dtype))
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import llama.linear
 from llama import Llama
 from llama.linear import DECODE_ROWS, LocalProduct
 
@@ -47,7 +48,10 @@ def test_other_weights_keep_the_compute_dtype(compact):
     assert compact.model.norm.weight.dtype == torch.float32
 
 
-def test_prefill_logits_are_close_to_exact(compact, llama3):
+@pytest.mark.parametrize("fast_bf16", [True, False], ids=["bf16-products", "upcast-products"])
+def test_prefill_logits_are_close_to_exact(compact, llama3, fast_bf16, monkeypatch):
+    # Either way a prefill may go on this machine: products in bf16 (AMX/AVX512-BF16 CPUs, GPUs) or upcast.
+    monkeypatch.setattr(llama.linear, "fast_bf16_products", lambda device_type: fast_bf16)
     x = tokens(PROMPT_ROWS)
     assert_close_logits(compact, compact.model.forward(x, 0), llama3.model.forward(x, 0))
 
