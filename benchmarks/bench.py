@@ -23,6 +23,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from llama.linear import fast_bf16_products  # noqa: E402
+
 # Shapes of the named models. SmolLM2's own vocabulary (49152) has no Llama tokenizer: it gets
 # Llama 2's 32000 (the closest), and like SmolLM2 it ties the output to the embedding.
 MODELS: Dict[str, dict] = {
@@ -126,12 +128,26 @@ def int8_matvec_bandwidth(quick: bool) -> Optional[float]:
     return w.numel() / t
 
 
-def matmul_flops(quick: bool) -> float:
-    """fp32 matrix-multiply FLOP/s (the compute prefill is bound by)."""
+def matmul_flops(quick: bool, dtype: torch.dtype = torch.float32) -> float:
+    """Matrix-multiply FLOP/s in the dtype (the compute prefill is bound by)."""
     n = 1024 if quick else 2048
-    a, b = torch.randn(512, n), torch.randn(n, n)
+    a, b = torch.randn(512, n).to(dtype), torch.randn(n, n).to(dtype)
     t = _best_time(lambda: a @ b, 3 if quick else 10)
     return 2 * 512 * n * n / t
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the instructions that decide which products are fast."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        name = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), name)
+    features = [label for probe, label in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16"),
+                                           ("_is_avx512_supported", "AVX512"), ("_is_avx2_supported", "AVX2"))
+                if getattr(torch.cpu, probe, lambda: False)()]
+    return f"{name} ({', '.join(features) or 'no AVX2'})"
 
 
 # --- our generate -----------------------------------------------------------------------------
@@ -181,15 +197,20 @@ def agreement_prompts(tokenizer: Path) -> List[List[int]]:
 
 def bench_variant(ckpt_dir: Path, tokenizer: Path, dtype: str, plan: dict, exact: List[List[int]],
                   weight_format: Optional[str] = None, compile: bool = False) -> Dict[str, float]:
-    """Decode tokens/s at batch 1 with compact weights or a compiled step, and how much of exact
-    mode's greedy answers it repeats (the mean share of each answer before the first different
-    token). A compiled step's first generation (the compilation) is timed apart."""
+    """Tokens/s with compact weights (prefill, decode at batch 1 and 4) or a compiled step (decode
+    at batch 1), and how much of exact mode's greedy answers it repeats (the mean share of each
+    answer before the first different token). A compiled step's first generation (the
+    compilation) is timed apart."""
     generate = build_ours(ckpt_dir, tokenizer, dtype, plan, weight_format, compile)
     r: Dict[str, float] = {}
     if compile:
         log("  compiling the decode step")
         r["compile_seconds"] = time_generate(generate, [plan["decode_prompt"]], 2)
-    r.update(decode_rates(generate, plan, batch_sizes=(1,)))
+    if weight_format:
+        n = max(plan["prefill"])
+        log(f"  prefill {n}")
+        r[f"prefill_{n}"] = n / time_generate(generate, [n], 1)
+    r.update(decode_rates(generate, plan, batch_sizes=(1, 4) if weight_format else (1,)))
     shares = []
     for answer, reference in zip(generate(agreement_prompts(tokenizer), plan["decode"]), exact):
         same = next((i for i, (a, b) in enumerate(zip(answer, reference)) if a != b), len(answer))
@@ -365,6 +386,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         bandwidth = matvec_bandwidth(DTYPES[a.dtype], a.quick)
         format_bandwidth = {"bf16": matvec_bandwidth(torch.bfloat16, a.quick), "int8": int8_matvec_bandwidth(a.quick)}
         flops = matmul_flops(a.quick)
+        # Compact formats multiply a prefill in bf16 only where that is fast (see llama.linear).
+        format_flops = matmul_flops(a.quick, torch.bfloat16) if fast_bf16_products("cpu") else flops
 
         log("our Llama.generate")
         from llama.checkpoint import load_shard
@@ -405,11 +428,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         "model": a.model, "dtype": a.dtype, "params": n_params, "streamed_params": n_streamed, "weight_bytes": weight_bytes, "checkpoint_bytes": weight_bytes_ckpt,
         "threads": torch.get_num_threads(), "plan": plan,
         "load_seconds": load["seconds"], "load_peak_rss_bytes": load["peak_rss_bytes"], "baseline_rss_bytes": base,
-        "matvec_bytes_per_s": bandwidth, "matmul_flops": flops,
+        "cpu": cpu_name(), "matvec_bytes_per_s": bandwidth, "matmul_flops": flops, "format_matmul_flops": format_flops,
         "decode_ceiling_tok_s": decode_ceiling, "prefill_ceiling_tok_s": prefill_ceiling,
         "ours": ours, "hf": theirs, "compiled": compiled, "llama_cpp": llama_cpp,
         "weight_formats": {
-            f: {**r, "decode_ceiling_tok_s": (format_bandwidth[f] / (n_streamed * {"bf16": 2, "int8": 1}[f])) if format_bandwidth[f] else None}
+            f: {**r, "decode_ceiling_tok_s": (format_bandwidth[f] / (n_streamed * {"bf16": 2, "int8": 1}[f])) if format_bandwidth[f] else None,
+                "prefill_ceiling_tok_s": format_flops / (2 * n_streamed)}
             for f, r in formats.items()
         },
     }
@@ -427,7 +451,8 @@ def render_table(r: dict) -> str:
     header += ["llama.cpp", "ours / llama.cpp"] if llama_cpp else []
     lines = [
         f"**{r['model']}**, {r['dtype']}, {r['params'] / 1e6:.1f} M parameters ({r['weight_bytes'] / gib:.2f} GiB in {r['dtype']}), "
-        f"{r['threads']} threads; matrix-vector {r['matvec_bytes_per_s'] / 1e9:.1f} GB/s, fp32 matmul {r['matmul_flops'] / 1e9:.0f} GFLOP/s",
+        f"{r['threads']} threads of {r['cpu']}; matrix-vector {r['matvec_bytes_per_s'] / 1e9:.1f} GB/s, "
+        f"fp32 matmul {r['matmul_flops'] / 1e9:.0f} GFLOP/s, compact formats' prefill matmul {r['format_matmul_flops'] / 1e9:.0f} GFLOP/s",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -468,9 +493,13 @@ def render_table(r: dict) -> str:
                  f"greedy answers = exact for their first {compiled['greedy_agreement']:.0%})")
         tok_s(label, compiled["decode_b1"], r["decode_ceiling_tok_s"], cpp=exact_cpp.get("decode_b1"))
     for weight_format, f in r.get("weight_formats", {}).items():
+        f16_cpp = llama_cpp.get("f16", {}) if weight_format == "bf16" else {}
+        n = max(plan["prefill"])
+        tok_s(f"prefill {n} tokens, {weight_format} weights", f[f"prefill_{n}"], f["prefill_ceiling_tok_s"], cpp=f16_cpp.get(f"prefill_{n}"))
         label = f"decode batch 1, {weight_format} weights (greedy answers = exact for their first {f['greedy_agreement']:.0%})"
-        cpp = llama_cpp.get("f16", {}).get("decode_b1") if weight_format == "bf16" else None
-        tok_s(label, f["decode_b1"], f["decode_ceiling_tok_s"], cpp=cpp)
+        tok_s(label, f["decode_b1"], f["decode_ceiling_tok_s"], cpp=f16_cpp.get("decode_b1"))
+        b4_ceiling = 4 * f["decode_ceiling_tok_s"] if f["decode_ceiling_tok_s"] else None
+        tok_s(f"decode batch 4, {weight_format} weights", f["decode_b4"], b4_ceiling)
     return "\n".join(lines)
 
 

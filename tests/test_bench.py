@@ -33,15 +33,17 @@ def test_bench_quick_prints_every_row_and_valid_json(quick_run):
     table, result = quick_run
     rows = row_labels(table)
     for label in ("load time", "load peak RSS", "prefill 32 tokens", "prefill 128 tokens", "decode batch 1", "decode batch 4",
-                  "ragged batch", "even batch", "decode batch 1, compiled step", "decode batch 1, bf16 weights",
-                  "decode batch 1, int8 weights"):
+                  "ragged batch", "even batch", "decode batch 1, compiled step", "prefill 128 tokens, bf16 weights",
+                  "decode batch 1, bf16 weights", "decode batch 4, bf16 weights", "prefill 128 tokens, int8 weights",
+                  "decode batch 1, int8 weights", "decode batch 4, int8 weights"):
         assert any(r.startswith(label) for r in rows), f"no row {label!r} in:\n{table}"
     assert set(result["ours"]) == {"prefill_32", "prefill_128", "decode_b1", "decode_b4", "ragged", "even"}
     assert all(v > 0 for v in result["ours"].values())
     assert result["compiled"]["decode_b1"] > 0 and result["compiled"]["compile_seconds"] > 0
     for weight_format in ("bf16", "int8"):
         measured = result["weight_formats"][weight_format]
-        assert measured["decode_b1"] > 0 and 0 <= measured["greedy_agreement"] <= 1
+        assert min(measured["prefill_128"], measured["decode_b1"], measured["decode_b4"]) > 0
+        assert 0 <= measured["greedy_agreement"] <= 1
     assert result["load_peak_rss_bytes"] > result["weight_bytes"] > 0
 
 
@@ -50,7 +52,7 @@ def test_llama_cpp_figures_get_their_own_columns(quick_run):
     ours = result["ours"]
     result["llama_cpp"] = {
         "exact": {"prefill_32": ours["prefill_32"] / 2, "prefill_128": ours["prefill_128"], "decode_b1": ours["decode_b1"] * 2},
-        "f16": {"decode_b1": result["weight_formats"]["bf16"]["decode_b1"] / 4},
+        "f16": {"decode_b1": result["weight_formats"]["bf16"]["decode_b1"] / 4, "prefill_128": result["weight_formats"]["bf16"]["prefill_128"]},
     }
     lines = bench.render_table(result).splitlines()
     assert lines[2].endswith("| llama.cpp | ours / llama.cpp |")
@@ -58,4 +60,5 @@ def test_llama_cpp_figures_get_their_own_columns(quick_run):
     assert [c.strip() for c in cells["prefill 32 tokens"]][1] == "2.00"
     assert [c.strip() for c in cells["decode batch 1"]][1] == "0.50"
     assert [c.strip() for c in cells["decode batch 1, bf16 weights"]][1] == "4.00"
+    assert [c.strip() for c in cells["prefill 128 tokens, bf16 weights"]][1] == "1.00"
     assert [c.strip() for c in cells["decode batch 4"]] == ["", ""]
