@@ -85,7 +85,7 @@ class LocalProduct(torch.nn.Module):
                 y = product(x.reshape(rows, -1).to(torch.bfloat16), w, scale.to(torch.bfloat16))
                 return y.to(x.dtype).view(*x.shape[:-1], -1)
             if fast_bf16_products(x.device.type):
-                return (F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)) * scale.to(torch.bfloat16)).to(x.dtype)
+                return F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16)).to(x.dtype) * scale.to(x.dtype)
             return F.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
         if rows <= DECODE_ROWS or fast_bf16_products(x.device.type):
             return F.linear(x.to(w.dtype), w).to(x.dtype)
