@@ -100,6 +100,8 @@ class Llama:
         )
         device = select_device(device)
         dtype = select_dtype(device, dtype)
+        if compile and device.type == "cpu":
+            _check_cpp_compiler()
 
         init_model_parallel(mp_size, device)
         # The seed must be the same in all processes: they sample the same tokens.
@@ -445,6 +447,19 @@ def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     next_token = torch.multinomial(probs_sort, num_samples=1)
     return torch.gather(probs_idx, -1, next_token)
+
+
+def _check_cpp_compiler() -> None:
+    """torch.compile builds C++ for the CPU: say so now, not deep inside the first generation."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as e:
+        raise RuntimeError(
+            "compile=True on the CPU needs a C++ compiler for torch.compile (g++ or clang++; the CXX "
+            "environment variable picks one): install one, or run without compile"
+        ) from e
 
 
 def _check_vocab(args: ModelArgs, tokenizer: Tokenizer, tokenizer_path: str, ckpt_dir: str) -> None:

@@ -6,6 +6,9 @@ from torch._dynamo.utils import counters
 
 from llama import Llama
 
+# torch's compiler itself calls torch.jit.script_method, which torch deprecates: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 PROMPTS = [[128000, 40, 1093, 311], [128000, 791, 3938, 315, 9822, 374, 12366, 11, 323]]
 
 
@@ -54,3 +57,13 @@ def test_compact_weights_compile_into_one_graph_with_their_eager_tokens(weight_f
     got = compiled.generate(PROMPTS, max_gen_len=8, temperature=0)[0]
     assert dict(counters["graph_break"]) == {}
     assert got == eager.generate(PROMPTS, max_gen_len=8, temperature=0)[0]
+
+
+def test_without_a_cpp_compiler_the_build_says_so_before_reading_weights(llama3_ckpt, llama3_tokenizer_path, tmp_path, monkeypatch):
+    import torch._inductor.config
+
+    (tmp_path / "params.json").write_bytes((llama3_ckpt / "params.json").read_bytes())
+    (tmp_path / "consolidated.00.pth").write_bytes(b"not read")
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++-compiler",))
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
+        Llama.build(str(tmp_path), str(llama3_tokenizer_path), 64, 2, compile=True)
