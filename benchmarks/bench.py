@@ -393,9 +393,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         log("ceilings: matrix-vector bandwidth, matrix-multiply FLOP/s")
         bandwidth = matvec_bandwidth(DTYPES[a.dtype], a.quick)
         format_bandwidth = {"bf16": matvec_bandwidth(torch.bfloat16, a.quick), "int8": int8_matvec_bandwidth(a.quick)}
-        flops = matmul_flops(a.quick)
+        flops = matmul_flops(a.quick, DTYPES[a.dtype])
         # Compact formats multiply a prefill in bf16 only where that is fast (see llama.linear).
-        format_flops = matmul_flops(a.quick, torch.bfloat16) if fast_bf16_products("cpu") else flops
+        format_flops = matmul_flops(a.quick, torch.bfloat16) if fast_bf16_products("cpu") else flops  # (formats run in fp32 only)
 
         log("our Llama.generate")
         from llama.checkpoint import load_shard
@@ -460,7 +460,7 @@ def render_table(r: dict) -> str:
     lines = [
         f"**{r['model']}**, {r['dtype']}, {r['params'] / 1e6:.1f} M parameters ({r['weight_bytes'] / gib:.2f} GiB in {r['dtype']}), "
         f"{r['threads']} threads of {r['cpu']}; matrix-vector {r['matvec_bytes_per_s'] / 1e9:.1f} GB/s, "
-        f"fp32 matmul {r['matmul_flops'] / 1e9:.0f} GFLOP/s, compact formats' prefill matmul {r['format_matmul_flops'] / 1e9:.0f} GFLOP/s",
+        f"{r['dtype']} matmul {r['matmul_flops'] / 1e9:.0f} GFLOP/s, compact formats' prefill matmul {r['format_matmul_flops'] / 1e9:.0f} GFLOP/s",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
