@@ -120,6 +120,7 @@ class Llama:
         del checkpoint
         if compile:
             model.compile_decode()
+            logger.info("The decode step is compiled with torch.compile at the first generation: expect a pause (up to a minute on a small CPU).")
         logger.info(
             "Loaded %s in %.2f seconds (%s, %s%s)", ckpt_dir, time.time() - start_time, device, dtype,
             f", {weight_format} weights" if weight_format else "",
