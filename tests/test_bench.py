@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -62,3 +63,26 @@ def test_llama_cpp_figures_get_their_own_columns(quick_run):
     assert [c.strip() for c in cells["decode batch 1, bf16 weights"]][1] == "4.00"
     assert [c.strip() for c in cells["prefill 128 tokens, bf16 weights"]][1] == "1.00"
     assert [c.strip() for c in cells["decode batch 4"]] == ["", ""]
+
+
+def test_meta_to_gguf_writes_the_weights_our_gguf_reader_reads_back(llama3_ckpt, vocab_gguf, tmp_path):
+    import json
+
+    from llama.convert import read_as_meta
+    from meta_to_gguf import write_gguf
+
+    src = tmp_path / "scaled"
+    src.mkdir()
+    params = {**json.loads((llama3_ckpt / "params.json").read_text()), "use_scaled_rope": True}
+    (src / "params.json").write_text(json.dumps(params))
+    (src / "consolidated.00.pth").symlink_to(llama3_ckpt / "consolidated.00.pth")
+    out = write_gguf(src, vocab_gguf("llama-bpe"), tmp_path / "m.gguf")
+
+    theirs_params, theirs = read_as_meta(out)
+    ours_params, ours = read_as_meta(src)
+    assert theirs_params["use_scaled_rope"] and set(theirs) == set(ours)
+    assert {k: theirs_params[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")} == {
+        k: ours_params[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")
+    }
+    for key in ours:
+        assert torch.equal(theirs[key], ours[key].float()), key
