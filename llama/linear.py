@@ -81,7 +81,7 @@ class LocalProduct(torch.nn.Module):
         if scale is not None:
             if rows <= DECODE_ROWS and x.device.type == "cpu":
                 # The opaque op only where torch.compile needs it: eagerly it costs a dispatch per call.
-                product = _int8_product if torch.compiler.is_compiling() else torch._weight_int8pack_mm
+                product = _int8_product if _is_compiling() else torch._weight_int8pack_mm
                 y = product(x.reshape(rows, -1).to(torch.bfloat16), w, scale.to(torch.bfloat16))
                 return y.to(x.dtype).view(*x.shape[:-1], -1)
             if fast_bf16_products(x.device.type):
@@ -96,15 +96,21 @@ class LocalProduct(torch.nn.Module):
         return F.linear(x, w.to(x.dtype))
 
 
-@torch.library.custom_op("llama::int8_product", mutates_args=())
 def _int8_product(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """torch's int8 weight-only kernel, as an opaque op: torch.compile cannot lower it inline."""
+    """torch's int8 weight-only kernel, as an opaque op where torch has custom ops (2.4+):
+    torch.compile cannot lower the kernel inline."""
     return torch._weight_int8pack_mm(x, w, scale)
 
 
-@_int8_product.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], w.shape[0])
+if hasattr(torch.library, "custom_op"):
+    _int8_product = torch.library.custom_op("llama::int8_product", mutates_args=())(_int8_product)
+
+    @_int8_product.register_fake
+    def _(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[0])
+
+# torch.compiler.is_compiling is torch 2.3+; older versions keep it in torch._dynamo.
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 
 
 class ColumnParallelLinear(LocalProduct, fs_layers.ColumnParallelLinear):
