@@ -14,14 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama.convert import read_as_meta  # noqa: E402
-from llama.convert.gguf import ROPE_FREQS, gguf_name, import_gguf  # noqa: E402
+from llama.convert.gguf import ROPE_FREQS, gguf_name, import_gguf, llama31_rope_divisors  # noqa: E402
 from llama.convert.meta import ffn_hidden_dim  # noqa: E402
-from llama.model import apply_scaling  # noqa: E402
 
 NUMPY_DTYPES = {"f32": "float32", "f16": "float16"}
 
@@ -67,8 +64,7 @@ def write_gguf(ckpt_dir: Path, vocab_gguf: Path, out: Path, outtype: str = "f32"
         dtype = "float32" if w.ndim == 1 else NUMPY_DTYPES[outtype]
         writer.add_tensor(gguf_name(key), w.numpy().astype(dtype))
     if params.get("use_scaled_rope"):
-        freqs = 1.0 / (params["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        writer.add_tensor(ROPE_FREQS, (freqs / apply_scaling(freqs)).numpy())  # llama.cpp divides by these
+        writer.add_tensor(ROPE_FREQS, llama31_rope_divisors(head_dim, params["rope_theta"]).numpy())
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -162,14 +162,20 @@ def _params(path: Path, field, tensors: Dict[str, Any]) -> Dict[str, Any]:
     )
 
 
+def llama31_rope_divisors(head_dim: int, theta: float) -> torch.Tensor:
+    """What llama.cpp's rope_freqs tensor holds for Llama 3.1's scaling: each RoPE frequency
+    divided by its scaled value (llama/model.py's apply_scaling)."""
+    from llama.model import apply_scaling
+
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    return freqs / apply_scaling(freqs)
+
+
 def _uses_llama31_scaling(path: Path, rope_freqs: Any, head_dim: int, theta: float) -> bool:
     """Whether rope_freqs (if any) holds exactly the divisors of llama/model.py's apply_scaling."""
     if rope_freqs is None:
         return False
-    from llama.model import apply_scaling
-
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    expected = freqs / apply_scaling(freqs)
+    expected = llama31_rope_divisors(head_dim, theta)
     seen = torch.from_numpy(rope_freqs.data.astype("float32")).reshape(-1)
     if seen.shape != expected.shape or not torch.allclose(seen, expected, rtol=1e-4):
         raise CheckpointError(
