@@ -64,6 +64,20 @@ def test_decode_logits_are_close_to_exact(compact, llama3, rows):
     assert_close_logits(compact, compact.model.forward(x[:, 4:], 4), llama3.model.forward(x[:, 4:], 4))
 
 
+@pytest.mark.parametrize("k, fold", [(576, 1), (2048, 2), (1024, 4)], ids=["as-is", "folded-2", "folded-4"])
+def test_int8_one_row_product_matches_the_float_product(k, fold):
+    # Short weight rows go through torch's int8 kernel folded side by side (faster on the CPU).
+    n = 64
+    assert llama.linear._int8_fold(n, k) == fold
+    g = torch.Generator().manual_seed(k)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, generator=g) / 100
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    want = x.float() @ (q.float() * scale[:, None]).T
+    got = llama.linear._int8_decode(x, q, scale).float()
+    assert (got - want).abs().max() <= 0.01 * want.abs().max()
+
+
 def test_generation_runs_to_max_gen_len(compact):
     prompts = [compact.tokenizer.encode("The capital of France is", bos=True, eos=False)]
     out, _ = compact.generate(prompts, max_gen_len=6, temperature=0)
