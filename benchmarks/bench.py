@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -128,9 +127,12 @@ def _stream_bandwidth(n_bytes: int, make, product, quick: bool) -> float:
 
 
 def matvec_bandwidth(dtype: torch.dtype, n_bytes: int, quick: bool) -> float:
-    """Bytes/s streamed by one-row F.linear over n_bytes of weights in the dtype (a decode step's read)."""
-    x = torch.randn(1, 8192).to(dtype)
-    return _stream_bandwidth(n_bytes, lambda: torch.randn(4096, 8192).to(dtype), lambda w: F.linear(x, w), quick)
+    """Bytes/s streamed by torch.mv over n_bytes of weights in the dtype (a decode step's read).
+
+    torch.mv: as fast as one-row F.linear in fp32, up to twice as fast in bf16 on the CPU.
+    """
+    x = torch.randn(8192).to(dtype)
+    return _stream_bandwidth(n_bytes, lambda: torch.randn(4096, 8192).to(dtype), lambda w: torch.mv(w, x), quick)
 
 
 def int8_matvec_bandwidth(n_bytes: int, quick: bool) -> Optional[float]:

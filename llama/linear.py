@@ -95,7 +95,8 @@ class LocalProduct(torch.nn.Module):
 
 
 # torch's int8 weight-only CPU kernel streams rows of 4096+ int8 values about 1.4x faster than
-# rows of 1024-3072 (torch 2.13, AVX512 Xeon: 20 vs 14 GB/s), and is slower at 2+ activation rows.
+# rows of 1024-3072 (torch 2.13 on a Xeon, its AVX512 and its AVX2 code alike: 20 vs 14 GB/s
+# with AVX512); folding does not pay for 2+ activation rows.
 _INT8_FAST_ROW = 4096
 
 
