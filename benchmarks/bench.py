@@ -222,20 +222,20 @@ def agreement_prompts(tokenizer: Path) -> List[List[int]]:
 
 def bench_variant(ckpt_dir: Path, tokenizer: Path, dtype: str, plan: dict, exact: List[List[int]],
                   weight_format: Optional[str] = None, compile: bool = False) -> Dict[str, float]:
-    """Tokens/s with compact weights (prefill, decode at batch 1 and 4) or a compiled step (decode
-    at batch 1), and how much of exact mode's greedy answers it repeats (the mean share of each
-    answer before the first different token). A compiled step's first generation (the
-    compilation) is timed apart."""
+    """Tokens/s with compact weights (prefill, decode at batch 1 and 4) or a compiled step, with
+    or without them (decode at batch 1), and how much of exact mode's greedy answers it repeats
+    (the mean share of each answer before the first different token). A compiled step's first
+    generation (the compilation) is timed apart."""
     generate = build_ours(ckpt_dir, tokenizer, dtype, plan, weight_format, compile)
     r: Dict[str, float] = {}
     if compile:
         log("  compiling the decode step")
         r["compile_seconds"] = time_generate(generate, [plan["decode_prompt"]], 2)
-    if weight_format:
+    else:
         n = max(plan["prefill"])
         log(f"  prefill {n}")
         r[f"prefill_{n}"] = n / prefill_time(generate, n)
-    r.update(decode_rates(generate, plan, batch_sizes=(1, 4) if weight_format else (1,)))
+    r.update(decode_rates(generate, plan, batch_sizes=(1,) if compile else (1, 4)))
     shares = []
     for answer, reference in zip(generate(agreement_prompts(tokenizer), plan["decode"]), exact):
         same = next((i for i, (a, b) in enumerate(zip(answer, reference)) if a != b), len(answer))
@@ -440,6 +440,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             for weight_format in a.weight_formats.split(","):
                 log(f"our Llama.generate with {weight_format} weights")
                 formats[weight_format] = bench_variant(ckpt_dir, tokenizer, a.dtype, plan, exact, weight_format)
+                if a.compile:
+                    log(f"our Llama.generate with {weight_format} weights and a compiled decode step")
+                    formats[weight_format]["compiled"] = bench_variant(ckpt_dir, tokenizer, a.dtype, plan, exact, weight_format, compile=True)
         llama_cpp = {}
         for key, gguf in (("exact", a.llama_cpp), ("f16", a.llama_cpp_f16)):
             if gguf:
@@ -515,11 +518,14 @@ def render_table(r: dict) -> str:
     even = (short + long) // 2
     row(f"ragged batch {short}+{long} ({plan['ragged_gen']} new each)", "ragged", None)
     row(f"even batch {even}+{even} ({plan['ragged_gen']} new each)", "even", None)
-    compiled = r.get("compiled")
-    if compiled:
-        label = (f"decode batch 1, compiled step (compiling took {compiled['compile_seconds']:.0f} s; "
-                 f"greedy answers = exact for their first {compiled['greedy_agreement']:.0%})")
-        tok_s(label, compiled["decode_b1"], r["decode_ceiling_tok_s"], cpp=exact_cpp.get("decode_b1"))
+
+    def compiled_row(what: str, compiled: Optional[dict], ceiling: Optional[float], cpp: Optional[float]) -> None:
+        if compiled:
+            label = (f"decode batch 1, {what}compiled step (compiling took {compiled['compile_seconds']:.0f} s; "
+                     f"greedy answers = exact for their first {compiled['greedy_agreement']:.0%})")
+            tok_s(label, compiled["decode_b1"], ceiling, cpp=cpp)
+
+    compiled_row("", r.get("compiled"), r["decode_ceiling_tok_s"], exact_cpp.get("decode_b1"))
     for weight_format, f in r.get("weight_formats", {}).items():
         f16_cpp = llama_cpp.get("f16", {}) if weight_format == "bf16" else {}
         n = max(plan["prefill"])
@@ -528,6 +534,7 @@ def render_table(r: dict) -> str:
         tok_s(label, f["decode_b1"], f["decode_ceiling_tok_s"], cpp=f16_cpp.get("decode_b1"))
         b4_ceiling = 4 * f["decode_ceiling_tok_s"] if f["decode_ceiling_tok_s"] else None
         tok_s(f"decode batch 4, {weight_format} weights", f["decode_b4"], b4_ceiling)
+        compiled_row(f"{weight_format} weights, ", f.get("compiled"), f["decode_ceiling_tok_s"], f16_cpp.get("decode_b1"))
     return "\n".join(lines)
 
 
