@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import llama.linear
 from llama import Llama
 
 # torch's compiler itself calls torch.jit.script_method, which torch deprecates: not ours to fix.
@@ -57,6 +58,19 @@ def test_compact_weights_compile_into_one_graph_with_their_eager_tokens(weight_f
     got = compiled.generate(PROMPTS, max_gen_len=8, temperature=0)[0]
     assert dict(counters["graph_break"]) == {}
     assert got == eager.generate(PROMPTS, max_gen_len=8, temperature=0)[0]
+
+
+def test_large_bf16_weights_stay_torch_mv_calls_in_the_compiled_step(llama3_ckpt, llama3_tokenizer_path, monkeypatch):
+    monkeypatch.setattr(llama.linear, "_OPAQUE_MV_NUMEL", 0)  # every weight counts as large here
+
+    def build(compile: bool) -> Llama:
+        return Llama.build(str(llama3_ckpt), str(llama3_tokenizer_path), 64, 1, weight_format="bf16", compile=compile)
+
+    eager, compiled = build(False), build(True)
+    counters.clear()
+    got = compiled.generate(PROMPTS[:1], max_gen_len=8, temperature=0)[0]  # one row: the matrix-vector path
+    assert dict(counters["graph_break"]) == {}
+    assert got == eager.generate(PROMPTS[:1], max_gen_len=8, temperature=0)[0]
 
 
 def test_without_a_cpp_compiler_the_build_says_so_before_reading_weights(llama3_ckpt, llama3_tokenizer_path, tmp_path, monkeypatch):
