@@ -114,7 +114,7 @@ MAX_STREAM_BYTES = 2 << 30
 
 
 def _stream_bandwidth(n_bytes: int, make, product, quick: bool) -> float:
-    """Bytes/s of one-row products over distinct matrices of 32 Mi elements that add up to n_bytes."""
+    """Bytes/s of one-row products over distinct matrices from make() that add up to n_bytes (at least one)."""
     weights = [make()]
     per_matrix = weights[0].numel() * weights[0].element_size()
     weights += [make() for _ in range(min(n_bytes, MAX_STREAM_BYTES) // per_matrix - 1)]

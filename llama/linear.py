@@ -95,37 +95,6 @@ class LocalProduct(torch.nn.Module):
         return F.linear(x, w.to(x.dtype))
 
 
-# torch's int8 weight-only CPU kernel streams rows of 4096+ int8 values about 1.4x faster than
-# rows of 1024-3072 (torch 2.13 on a Xeon, its AVX512 and its AVX2 code alike: 20 vs 14 GB/s
-# with AVX512); folding does not pay for 2+ activation rows.
-_INT8_FAST_ROW = 4096
-
-
-def _int8_fold(n: int, k: int) -> int:
-    """How many rows of an (n, k) int8 weight to lay side by side for one activation row: 1, 2 or 4."""
-    fold = 1
-    while fold < 4 and k >= 1024 and fold * k < _INT8_FAST_ROW and n % (2 * fold) == 0:
-        fold *= 2
-    return fold
-
-
-def _int8_decode(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (rows, k) bf16 times an int8 weight (n, k) with per-row float scales -> (rows, n).
-
-    One row with short weight rows goes through the kernel folded: the weight viewed as
-    (n / fold, fold * k) (no copy) against `fold` block-diagonal copies of x, so that entry
-    (i, j) of the product is weight row j * fold + i times x; the scales then apply in float.
-    """
-    product = _int8_product if _is_compiling() else torch._weight_int8pack_mm
-    (n, k), rows = w.shape, x.shape[0]
-    fold = _int8_fold(n, k) if rows == 1 else 1
-    if fold == 1:
-        return product(x, w, scale.to(torch.bfloat16))
-    ones = torch.ones(n // fold, dtype=torch.bfloat16, device=x.device)
-    y = product(torch.block_diag(*[x] * fold), w.view(n // fold, fold * k), ones)
-    return y.t().reshape(1, n) * scale
-
-
 # torch.compiler.is_compiling is torch 2.3+; older versions keep it in torch._dynamo.
 _is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 
@@ -160,6 +129,37 @@ def _mv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 # From this many weight elements a compiled one-row bf16 product calls torch.mv (see _mv).
 _OPAQUE_MV_NUMEL = 1 << 22
+
+
+# torch's int8 weight-only CPU kernel streams rows of 4096+ int8 values about 1.4x faster than
+# rows of 1024-3072 (torch 2.13 on a Xeon, its AVX512 and its AVX2 code alike: 20 vs 14 GB/s
+# with AVX512); folding does not pay for 2+ activation rows.
+_INT8_FAST_ROW = 4096
+
+
+def _int8_fold(n: int, k: int) -> int:
+    """How many rows of an (n, k) int8 weight to lay side by side for one activation row: 1, 2 or 4."""
+    fold = 1
+    while fold < 4 and k >= 1024 and fold * k < _INT8_FAST_ROW and n % (2 * fold) == 0:
+        fold *= 2
+    return fold
+
+
+def _int8_decode(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (rows, k) bf16 times an int8 weight (n, k) with per-row float scales -> (rows, n).
+
+    One row with short weight rows goes through the kernel folded: the weight viewed as
+    (n / fold, fold * k) (no copy) against `fold` block-diagonal copies of x, so that entry
+    (i, j) of the product is weight row j * fold + i times x; the scales then apply in float.
+    """
+    product = _int8_product if _is_compiling() else torch._weight_int8pack_mm
+    (n, k), rows = w.shape, x.shape[0]
+    fold = _int8_fold(n, k) if rows == 1 else 1
+    if fold == 1:
+        return product(x, w, scale.to(torch.bfloat16))
+    ones = torch.ones(n // fold, dtype=torch.bfloat16, device=x.device)
+    y = product(torch.block_diag(*[x] * fold), w.view(n // fold, fold * k), ones)
+    return y.t().reshape(1, n) * scale
 
 
 class ColumnParallelLinear(LocalProduct, fs_layers.ColumnParallelLinear):
