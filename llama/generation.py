@@ -118,6 +118,8 @@ class Llama:
             model = Transformer(model_args)
         load_into(model, checkpoint, ckpt_path, device, dtype, weight_format)
         del checkpoint
+        if weight_format is not None:
+            model.fuse_compact_products()
         if compile:
             model.compile_decode()
             logger.info("The decode step is compiled with torch.compile at the first generation: expect a pause (up to a minute on a small CPU).")

@@ -14,7 +14,7 @@ from fairscale.nn.model_parallel.layers import ParallelEmbedding, VocabParallelE
 from torch import nn
 
 from llama.args import ModelArgs
-from llama.linear import ColumnParallelLinear, RowParallelLinear
+from llama.linear import ColumnParallelLinear, FusedColumns, RowParallelLinear
 
 __all__ = ["ModelArgs", "Transformer", "precompute_freqs_cis"]
 
@@ -114,6 +114,7 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(args.dim, self.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
         self.wv = ColumnParallelLinear(args.dim, self.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
+        self.wqkv: Optional[FusedColumns] = None  # compact weights: wq, wk and wv as one product
 
         # The cache lives in the compute dtype on the compute device from the start (the caller
         # builds the model under that default device/dtype), so no conversion per forward. It is
@@ -138,7 +139,7 @@ class Attention(nn.Module):
         for one token each; then mask (bs, 1, 1, cache_len) hides each row's future.
         """
         bsz, seqlen, _ = x.shape
-        xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        xq, xk, xv = (self.wq(x), self.wk(x), self.wv(x)) if self.wqkv is None else self.wqkv(x)
         xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
@@ -179,9 +180,11 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
+        self.w13: Optional[FusedColumns] = None  # compact weights: w1 and w3 as one product
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        h1, h3 = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x)
+        return self.w2(F.silu(h1) * h3)
 
 
 class TransformerBlock(nn.Module):
@@ -287,6 +290,13 @@ class Transformer(nn.Module):
 
         self._masked_step = step
         self.decode_compiled = True
+
+    def fuse_compact_products(self) -> None:
+        """With compact weights loaded (bf16, int8), multiply wq/wk/wv and w1/w3 as one product each (see FusedColumns)."""
+        for layer in self.layers:
+            attention, feed_forward = layer.attention, layer.feed_forward
+            attention.wqkv = FusedColumns([attention.wq, attention.wk, attention.wv])
+            feed_forward.w13 = FusedColumns([feed_forward.w1, feed_forward.w3])
 
     def _rope_to(self, device: torch.device) -> None:
         if self.freqs_cis.device != device:

@@ -78,6 +78,27 @@ def test_int8_one_row_product_matches_the_float_product(k, fold):
     assert (got - want).abs().max() <= 0.01 * want.abs().max()
 
 
+def test_fused_products_hold_each_weight_once_under_metas_keys(compact, llama3):
+    # wq/wk/wv (and w1/w3) are one product over one concatenated weight; each layer's weight is a view of it.
+    attention = compact.model.layers[0].attention
+    storage = {m.weight.untyped_storage().data_ptr() for m in (attention.wq, attention.wk, attention.wv, attention.wqkv)}
+    assert len(storage) == 1
+    assert compact.model.state_dict().keys() == llama3.model.state_dict().keys()
+
+
+@pytest.mark.parametrize("rows", [1, PROMPT_ROWS], ids=["decode", "prefill"])
+def test_fused_products_equal_the_layers_products(compact, rows):
+    layer = compact.model.layers[0]
+    x = torch.randn(1, rows, layer.dim, generator=torch.Generator().manual_seed(rows))
+    for fused, parts in ((layer.attention.wqkv, ("wq", "wk", "wv")), (layer.feed_forward.w13, ("w1", "w3"))):
+        owner = layer.attention if parts[0] == "wq" else layer.feed_forward
+        want = [getattr(owner, name).local_product(x) for name in parts]
+        got = fused(x)
+        assert [t.shape for t in got] == [t.shape for t in want]
+        for g, w in zip(got, want):
+            assert (g - w).abs().max() <= 0.01 * w.abs().max()
+
+
 def test_generation_runs_to_max_gen_len(compact):
     prompts = [compact.tokenizer.encode("The capital of France is", bos=True, eos=False)]
     out, _ = compact.generate(prompts, max_gen_len=6, temperature=0)
