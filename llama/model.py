@@ -139,7 +139,8 @@ class Attention(nn.Module):
         for one token each; then mask (bs, 1, 1, cache_len) hides each row's future.
         """
         bsz, seqlen, _ = x.shape
-        xq, xk, xv = (self.wq(x), self.wk(x), self.wv(x)) if self.wqkv is None else self.wqkv(x)
+        fused = self.wqkv is not None and self.wqkv.pays()
+        xq, xk, xv = self.wqkv(x) if fused else (self.wq(x), self.wk(x), self.wv(x))
         xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
@@ -183,7 +184,7 @@ class FeedForward(nn.Module):
         self.w13: Optional[FusedColumns] = None  # compact weights: w1 and w3 as one product
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h1, h3 = (self.w1(x), self.w3(x)) if self.w13 is None else self.w13(x)
+        h1, h3 = self.w13(x) if self.w13 is not None and self.w13.pays() else (self.w1(x), self.w3(x))
         return self.w2(F.silu(h1) * h3)
 
 
