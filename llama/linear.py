@@ -93,7 +93,7 @@ def compact_product(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tens
     if rows == 1 and x.device.type == "cpu":
         # bf16 F.linear sets up a oneDNN matrix product per call; torch.mv streams a one-row
         # product up to twice as fast (1.3x decoding on the 1B shape).
-        mv = _mv if _is_compiling() and w.numel() >= _OPAQUE_MV_NUMEL else torch.mv
+        mv = _mv if is_compiling() and w.numel() >= _OPAQUE_MV_NUMEL else torch.mv
         return mv(w, x.reshape(-1).to(w.dtype)).to(x.dtype).view(*x.shape[:-1], -1)
     if rows <= DECODE_ROWS or fast_bf16_products(x.device.type):
         return F.linear(x.to(w.dtype), w).to(x.dtype)
@@ -101,7 +101,7 @@ def compact_product(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tens
 
 
 # torch.compiler.is_compiling is torch 2.3+; older versions keep it in torch._dynamo.
-_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 
 
 def _opaque(name: str, fake: Callable[..., torch.Tensor]) -> Callable:
@@ -157,7 +157,7 @@ def _int8_decode(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch
     (n / fold, fold * k) (no copy) against `fold` block-diagonal copies of x, so that entry
     (i, j) of the product is weight row j * fold + i times x; the scales then apply in float.
     """
-    product = _int8_product if _is_compiling() else torch._weight_int8pack_mm
+    product = _int8_product if is_compiling() else torch._weight_int8pack_mm
     (n, k), rows = w.shape, x.shape[0]
     fold = _int8_fold(n, k) if rows == 1 else 1
     if fold == 1:
@@ -219,7 +219,7 @@ class FusedColumns(torch.nn.Module):
         """Whether to multiply fused: always eagerly. Compiled, not where inductor generates the
         products' code (one-row bf16 over small weights): it does better on the separate ones
         (SmolLM2 compiled bf16 decode 63 tok/s separate, 55 fused)."""
-        return not (_is_compiling() and self.weight_scale is None and self.weight.numel() < _OPAQUE_MV_NUMEL)
+        return not (is_compiling() and self.weight_scale is None and self.weight.numel() < _OPAQUE_MV_NUMEL)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         return compact_product(x, self.weight, self.weight_scale).split(self.sizes, dim=-1)

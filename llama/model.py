@@ -14,7 +14,7 @@ from fairscale.nn.model_parallel.layers import ParallelEmbedding, VocabParallelE
 from torch import nn
 
 from llama.args import ModelArgs
-from llama.linear import ColumnParallelLinear, FusedColumns, RowParallelLinear
+from llama.linear import ColumnParallelLinear, FusedColumns, RowParallelLinear, is_compiling
 
 __all__ = ["ModelArgs", "Transformer", "precompute_freqs_cis"]
 
@@ -165,9 +165,23 @@ class Attention(nn.Module):
         if mask is not None and mask.dim() == 2:
             mask = mask.repeat(self.n_rep, 1)  # (n_rep * seqlen, cache_len + seqlen), one copy per query head
         # softmax(q k^T / sqrt(head_dim) + mask) v, as Meta's; fused, as in Meta's llama-models code.
-        output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask)
+        if is_compiling():
+            output = _attention_by_reductions(xq, keys, values, mask)
+        else:
+            output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask)
         output = output.view(bsz, self.n_local_kv_heads, self.n_rep, seqlen, self.head_dim).permute(0, 3, 1, 2, 4)
         return self.wo(output.reshape(bsz, seqlen, -1))
+
+
+def _attention_by_reductions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim) + mask) v, in float32, written as broadcast products and
+    sums, which torch.compile fuses into generated kernels: for a decode step's few query rows
+    the fused SDPA kernel costs more in set-up than in work."""
+    scores = (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores + mask
+    probs = F.softmax(scores, dim=-1)
+    return (probs.unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2).type_as(q)
 
 
 class FeedForward(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from checkpoints import TINY_PARAMS, ffn_hidden_dim, random_state_dict
 from llama.args import ModelArgs
 from llama.distributed import default_device_and_dtype
-from llama.model import Transformer, apply_rotary_emb, precompute_freqs_cis
+from llama.model import Transformer, _attention_by_reductions, apply_rotary_emb, precompute_freqs_cis
 
 VOCAB = 512
 
@@ -123,6 +123,16 @@ def test_rotation_in_real_arithmetic_equals_the_complex_one():
     real_q, real_k = apply_rotary_emb(q, k, torch.view_as_real(freqs_cis))
     torch.testing.assert_close(real_q, complex_q, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(real_k, complex_k, atol=1e-6, rtol=1e-6)
+
+
+def test_compiled_steps_attention_by_reductions_equals_sdpa():
+    # The compiled decode step's attention: 2 rows, 2 key/value heads shared by 3 query heads each.
+    g = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(2, 2, 3, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)
+    mask = torch.zeros(2, 1, 1, 7)
+    mask[0, ..., 4:] = float("-inf")  # row 0 sees 4 positions, row 1 all 7
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(_attention_by_reductions(q, k, v, mask), want, atol=1e-5, rtol=1e-5)
 
 
 def test_last_only_logits_are_the_last_position(model_parallel):
