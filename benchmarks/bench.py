@@ -364,7 +364,8 @@ class LlamaCpp:
         return time.perf_counter() - t0
 
     def decode_round(self) -> None:
-        """One-token evals after a prompt, as many as ours decodes; results keep the best round."""
+        """One-token evals after a prompt, as many as ours decodes; results keep the best round
+        of the run (each of our rows it is shown against takes turns with it)."""
         prompt, new = prompts_of([self.plan["decode_prompt"] + self.plan["decode"]])[0], self.plan["decode"]
         self._evaluate(prompt[: self.plan["decode_prompt"]], fresh=True)
         rate = new / sum(self._evaluate([t]) for t in prompt[self.plan["decode_prompt"] :])
@@ -455,22 +456,24 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         log("our Llama.generate")
         generate = build_ours(ckpt_dir, tokenizer, a.dtype, plan)
-        ours = run_plan(generate, plan, ragged=True, rival=rival("exact"))
+        cpp = rival("exact")  # its decode rounds take turns with exact mode's, eager and compiled
+        ours = run_plan(generate, plan, ragged=True, rival=cpp)
         exact = generate(agreement_prompts(tokenizer), plan["decode"])
         compiled = None
         if a.compile:
             log("our Llama.generate with a compiled decode step")
-            compiled = bench_variant(ckpt_dir, tokenizer, a.dtype, plan, exact, compile=True)
+            compiled = bench_variant(ckpt_dir, tokenizer, a.dtype, plan, exact, compile=True, rival=cpp)
+        del cpp
         formats = {}
         if a.dtype == "fp32" and a.weight_formats:
             for weight_format in a.weight_formats.split(","):
                 log(f"our Llama.generate with {weight_format} weights")
                 cpp = rival("f16") if weight_format == "bf16" else None
                 formats[weight_format] = bench_variant(ckpt_dir, tokenizer, a.dtype, plan, exact, weight_format, rival=cpp)
-                del cpp
                 if a.compile:
                     log(f"our Llama.generate with {weight_format} weights and a compiled decode step")
-                    formats[weight_format]["compiled"] = bench_variant(ckpt_dir, tokenizer, a.dtype, plan, exact, weight_format, compile=True)
+                    formats[weight_format]["compiled"] = bench_variant(ckpt_dir, tokenizer, a.dtype, plan, exact, weight_format, compile=True, rival=cpp)
+                del cpp
         theirs = None
         if not a.no_hf:
             log("transformers' LlamaForCausalLM.generate")
