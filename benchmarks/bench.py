@@ -255,13 +255,14 @@ def decode_rates(generate, plan: dict, batch_sizes=(1, 4), rival: Optional["Llam
     r: Dict[str, float] = {}
     new, p = plan["decode"], plan["decode_prompt"]
     for bsz in batch_sizes:
-        log(f"  decode batch {bsz}" + (", in turns with llama.cpp" if rival and bsz == 1 else ""))
+        turns = rival is not None and bsz == 1
+        log(f"  decode batch {bsz}" + (", in turns with llama.cpp" if turns else ""))
         time_generate(generate, [p] * bsz, 2)  # sets up the kernels of this batch size's shapes
         first = time_generate(generate, [p] * bsz, 1)
         total = float("inf")
-        for _ in range(RIVAL_ROUNDS if rival and bsz == 1 else 1):
+        for _ in range(RIVAL_ROUNDS if turns else 1):
             total = min(total, time_generate(generate, [p] * bsz, new))
-            if rival and bsz == 1:
+            if turns:
                 rival.decode_round()
         r[f"decode_b{bsz}"] = bsz * (new - 1) / max(total - first, 1e-9)
     return r

@@ -211,9 +211,10 @@ class FusedColumns(torch.nn.Module):
         scales = [layer.weight_scale for layer in layers]
         scale = None if scales[0] is None else torch.cat(scales)
         self.register_buffer("weight_scale", scale, persistent=False)
-        for i, layer in enumerate(layers):
-            layer.weight = torch.nn.Parameter(self.weight.split(self.sizes)[i], requires_grad=False)
-            layer.weight_scale = None if scale is None else scale.split(self.sizes)[i]
+        part_scales = [None] * len(layers) if scale is None else scale.split(self.sizes)
+        for layer, part, part_scale in zip(layers, self.weight.split(self.sizes), part_scales):
+            layer.weight = torch.nn.Parameter(part, requires_grad=False)
+            layer.weight_scale = part_scale
 
     def pays(self) -> bool:
         """Whether to multiply fused: always eagerly. Compiled, not where inductor generates the
