@@ -90,9 +90,9 @@ def test_fused_products_hold_each_weight_once_under_metas_keys(compact, llama3):
 def test_fused_products_equal_the_layers_products(compact, rows):
     layer = compact.model.layers[0]
     x = torch.randn(1, rows, layer.dim, generator=torch.Generator().manual_seed(rows))
-    for fused, parts in ((layer.attention.wqkv, ("wq", "wk", "wv")), (layer.feed_forward.w13, ("w1", "w3"))):
-        owner = layer.attention if parts[0] == "wq" else layer.feed_forward
-        want = [getattr(owner, name).local_product(x) for name in parts]
+    attention, feed_forward = layer.attention, layer.feed_forward
+    for fused, parts in ((attention.wqkv, (attention.wq, attention.wk, attention.wv)), (feed_forward.w13, (feed_forward.w1, feed_forward.w3))):
+        want = [part.local_product(x) for part in parts]
         got = fused(x)
         assert [t.shape for t in got] == [t.shape for t in want]
         for g, w in zip(got, want):
