@@ -9,7 +9,7 @@ from typing import List, Optional
 import fire
 
 from llama import Dialog, Llama
-from llama.demo import checkpoint_or_demo
+from llama.demo import checkpoint_or_demo, demo_settings
 from llama.stream import print_in_order
 
 
@@ -26,7 +26,8 @@ def main(
     dtype: Optional[str] = None,
     weight_format: Optional[str] = None,
     compile: bool = False,
-    stream: bool = False,
+    stream: Optional[bool] = None,
+    threads: Optional[int] = None,
 ):
     """
     Chat-tuned models answer dialogs: turns of user and assistant, optionally opened by a system
@@ -35,10 +36,14 @@ def main(
     `device` (cuda, cpu, mps) and `dtype` (bf16, fp16, fp32) override the automatic choice.
     `weight_format` (bf16, int8) stores the weights compactly: faster decoding, close but not exact.
     `compile` compiles the decode step with torch.compile: slower start, faster tokens.
+    `stream` prints answers as they are generated (the default for the demo model).
+    `threads` sets the CPU threads (default: the CPUs this process may use; or LLAMA_NUM_THREADS).
     Without --ckpt_dir, a small demo chat model is used (see llama/demo.py); without
     --tokenizer_path, the checkpoint's own tokenizer file.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if ckpt_dir is None:
+        max_gen_len, stream = demo_settings(max_gen_len, stream)
     generator = Llama.build(
         ckpt_dir=checkpoint_or_demo(ckpt_dir),
         tokenizer_path=tokenizer_path,
@@ -49,6 +54,7 @@ def main(
         dtype=dtype,
         weight_format=weight_format,
         compile=compile,
+        threads=threads,
     )
 
     dialogs: List[Dialog] = [

@@ -237,6 +237,7 @@ def main(
     weight_format: Optional[str] = None,
     compile: bool = False,
     system_prompt: Optional[str] = None,
+    threads: Optional[int] = None,
 ) -> None:
     """
     Chat with a chat-tuned model (Llama 2 chat or Llama 3 instruct) until /quit or Ctrl-D.
@@ -245,6 +246,7 @@ def main(
     and `dtype` (bf16, fp16, fp32) override the automatic choice; `weight_format` (bf16, int8)
     stores the weights compactly: faster answers, close to but not exactly the model's own.
     `compile` compiles the decode step with torch.compile: slower start, faster answers.
+    `threads` sets the CPU threads (default: the CPUs this process may use; or LLAMA_NUM_THREADS).
     Without --ckpt_dir, a small demo chat model is used (see llama/demo.py); without
     --tokenizer_path, the checkpoint's own tokenizer file.
     """
@@ -260,6 +262,7 @@ def main(
         dtype=dtype,
         weight_format=weight_format,
         compile=compile,
+        threads=threads,
     )
     # fire turns a prompt such as "42" into a number.
     system_prompt = None if system_prompt is None else str(system_prompt)

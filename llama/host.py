@@ -1,0 +1,80 @@
+"""The machine this process runs on: how many CPU threads it computes with, where per-machine
+builds (kernels, compiled code, the demo model) are cached.
+
+torch sizes its thread pool by the host's cores. In a container, under `taskset`, or with several
+torchrun processes on one CPU that oversubscribes the cores, and every parallel product then
+waits at OpenMP barriers for a thread that is not running (a 10x slowdown was measured on a
+busy 2-core AMD machine). The count here comes from the process's CPU affinity and its cgroup
+quota, shared among the processes of one torchrun node; LLAMA_NUM_THREADS or `threads=` overrides.
+"""
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENV = "LLAMA_NUM_THREADS"
+
+
+def cache_root() -> Path:
+    """Where this package keeps what it builds once per machine (kernels, compiled code, the demo):
+    $LLAMA_CACHE, else ~/.cache/llama."""
+    return Path(os.environ.get("LLAMA_CACHE") or Path.home() / ".cache" / "llama")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota if one is set."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.floor(quota)))
+    return cpus
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> Optional[float]:
+    """CPUs' worth of time the cgroup allows (cgroup v2 cpu.max, or v1 cfs quota/period), None if unlimited."""
+    v2 = root / "cpu.max"
+    v1_quota, v1_period = root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us"
+    try:
+        if v2.is_file():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        if v1_quota.is_file() and v1_period.is_file():
+            quota_us = int(v1_quota.read_text())
+            return None if quota_us <= 0 else quota_us / int(v1_period.read_text())
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def choose_threads(threads: Optional[int] = None) -> int:
+    """threads if given, else $LLAMA_NUM_THREADS, else the available CPUs shared among this node's processes."""
+    if threads is None and os.environ.get(ENV):
+        value = os.environ[ENV]
+        try:
+            threads = int(value)
+        except ValueError:
+            raise ValueError(f"{ENV}={value!r} is not a whole number: set it to the number of threads to use") from None
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive whole number, got {threads!r}")
+        return threads
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, available_cpus() // local_processes)
+
+
+def configure_threads(threads: Optional[int] = None) -> int:
+    """Set torch's (and the kernels') CPU thread count to choose_threads(threads); log it once."""
+    n = choose_threads(threads)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    if not getattr(configure_threads, "logged", False):
+        source = "threads=" if threads is not None else (ENV if os.environ.get(ENV) else "CPU affinity / quota")
+        logger.info("Computing with %d CPU thread%s (from %s)", n, "" if n == 1 else "s", source)
+        configure_threads.logged = True
+    return n

@@ -1,0 +1,81 @@
+"""Threads fit the CPUs this process may use (affinity, cgroup quota, torchrun processes), with overrides."""
+
+import logging
+
+import pytest
+import torch
+
+from llama import host
+
+
+@pytest.fixture
+def two_cpus(monkeypatch):
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(host, "cgroup_cpu_quota", lambda: None)
+    monkeypatch.delenv(host.ENV, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+
+
+@pytest.fixture
+def restore_torch_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_follow_the_affinity_mask_not_the_host(monkeypatch, two_cpus):
+    monkeypatch.setattr(host.os, "cpu_count", lambda: 64)
+    assert host.choose_threads() == 2
+
+
+def test_a_cgroup_quota_caps_the_threads(monkeypatch, two_cpus):
+    monkeypatch.setattr(host, "cgroup_cpu_quota", lambda: 1.5)
+    assert host.choose_threads() == 1
+
+
+def test_torchrun_processes_of_one_node_share_the_cpus(monkeypatch, two_cpus):
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert host.choose_threads() == 2
+
+
+def test_environment_variable_overrides(monkeypatch, two_cpus):
+    monkeypatch.setenv(host.ENV, "5")
+    assert host.choose_threads() == 5
+
+
+def test_explicit_threads_override_the_environment(monkeypatch, two_cpus):
+    monkeypatch.setenv(host.ENV, "5")
+    assert host.choose_threads(3) == 3
+
+
+@pytest.mark.parametrize("value", ["two", "0", "-1"])
+def test_a_bad_environment_value_is_named(monkeypatch, two_cpus, value):
+    monkeypatch.setenv(host.ENV, value)
+    with pytest.raises(ValueError, match=host.ENV if value == "two" else "positive"):
+        host.choose_threads()
+
+
+def test_cgroup_v2_quota_is_read(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert host.cgroup_cpu_quota(tmp_path) == 1.5
+
+
+def test_cgroup_v2_without_quota_is_unlimited(tmp_path):
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert host.cgroup_cpu_quota(tmp_path) is None
+
+
+def test_cgroup_v1_quota_is_read(tmp_path):
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert host.cgroup_cpu_quota(tmp_path) == 3.0
+
+
+def test_configure_sets_torch_threads_and_logs_the_choice(monkeypatch, two_cpus, restore_torch_threads, caplog):
+    monkeypatch.setattr(host.configure_threads, "logged", False, raising=False)
+    with caplog.at_level(logging.INFO, logger="llama.host"):
+        assert host.configure_threads(1) == 1
+    assert torch.get_num_threads() == 1
+    assert "Computing with 1 CPU thread (from threads=)" in caplog.text
