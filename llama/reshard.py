@@ -3,9 +3,9 @@
     llama-reshard --ckpt_dir llama-2-70b/ --output_dir llama-2-70b-mp2/ --model_parallel_size 2
 
 Output shards are written one at a time from memory-mapped inputs, so memory stays near the
-largest output shard. params.json and tokenizer files are copied; checklist.chk is regenerated.
-The output is staged and swapped in whole (llama.output_folder): an interrupted run leaves the
-output folder as it was.
+largest output shard. The source's other files (params.json, tokenizer files, licence) are
+copied; checklist.chk is regenerated. The output is staged and swapped in whole
+(llama.output_folder): an interrupted run leaves the output folder as it was.
 """
 
 import logging
@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import List
 
 import fire
 import torch
@@ -30,7 +31,18 @@ from llama.output_folder import staged_output, write_checklist
 
 logger = logging.getLogger(__name__)
 
-COPIED_FILES = ("params.json", "tokenizer.model")
+# Weights in any format: the shards are rewritten, and other weights have no place in a Meta folder.
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".gguf")
+
+
+def model_files(ckpt_dir: Path) -> List[Path]:
+    """The files of a checkpoint folder that go into its copy unchanged: params.json, tokenizer files,
+    licence and the like; not weights, checklist.chk (regenerated) or hidden files."""
+    files = [p for p in sorted(ckpt_dir.iterdir()) if p.is_file() and not p.name.startswith(".") and p.name != "checklist.chk"]
+    skipped = [p.name for p in files if p.suffix in WEIGHT_SUFFIXES and p.suffix != ".pth"]
+    if skipped:
+        logger.warning("Not copying %s from %s: weights that are not consolidated.NN.pth shards", ", ".join(skipped), ckpt_dir)
+    return [p for p in files if p.suffix not in WEIGHT_SUFFIXES]
 
 
 def reshard(ckpt_dir: str, output_dir: str, model_parallel_size: int, overwrite: bool = False) -> Path:
@@ -59,9 +71,8 @@ def reshard(ckpt_dir: str, output_dir: str, model_parallel_size: int, overwrite:
     check_model_parallel_size(args.n_heads, args.n_kv_heads or args.n_heads, split_size, model_parallel_size, ckpt_dir)
 
     with staged_output(output_dir, sources=[ckpt_dir], overwrite=overwrite, overwrite_flag="--overwrite True") as out:
-        for name in COPIED_FILES:
-            if (Path(ckpt_dir) / name).is_file():
-                shutil.copy2(Path(ckpt_dir) / name, out / name)
+        for path in model_files(Path(ckpt_dir)):
+            shutil.copy2(path, out / path.name)
         start = time.time()
         for rank in range(model_parallel_size):
             state_dict = resharded_state_dict(shards, rank, model_parallel_size, vocab_parallel)
