@@ -3,15 +3,17 @@
     llama-reshard --ckpt_dir llama-2-70b/ --output_dir llama-2-70b-mp2/ --model_parallel_size 2
 
 Output shards are written one at a time from memory-mapped inputs, so memory stays near the
-largest output shard. params.json and tokenizer files are copied; checklist.chk is regenerated.
+largest output shard. The source's other files (params.json, tokenizer files, licence) are
+copied; checklist.chk is regenerated. The output is staged and swapped in whole
+(llama.output_folder): an interrupted run leaves the output folder as it was.
 """
 
-import hashlib
 import logging
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import List
 
 import fire
 import torch
@@ -25,32 +27,30 @@ from llama.checkpoint import (
     read_params,
     resharded_state_dict,
 )
+from llama.output_folder import staged_output, write_checklist
 
 logger = logging.getLogger(__name__)
 
-COPIED_FILES = ("params.json", "tokenizer.model")
+# Weights in any format: the shards are rewritten, and other weights have no place in a Meta folder.
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".gguf")
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_checklist(folder: Path) -> None:
-    """checklist.chk as Meta ships it: `<md5>  <filename>` for every other file in the folder."""
-    lines = [f"{_md5(p)}  {p.name}\n" for p in sorted(folder.iterdir()) if p.is_file() and p.name != "checklist.chk"]
-    (folder / "checklist.chk").write_text("".join(lines))
+def model_files(ckpt_dir: Path) -> List[Path]:
+    """The files of a checkpoint folder that go into its copy unchanged: params.json, tokenizer files,
+    licence and the like; not weights, checklist.chk (regenerated) or hidden files."""
+    files = [p for p in sorted(ckpt_dir.iterdir()) if p.is_file() and not p.name.startswith(".") and p.name != "checklist.chk"]
+    skipped = [p.name for p in files if p.suffix in WEIGHT_SUFFIXES and p.suffix != ".pth"]
+    if skipped:
+        logger.warning("Not copying %s from %s: weights that are not consolidated.NN.pth shards", ", ".join(skipped), ckpt_dir)
+    return [p for p in files if p.suffix not in WEIGHT_SUFFIXES]
 
 
 def reshard(ckpt_dir: str, output_dir: str, model_parallel_size: int, overwrite: bool = False) -> Path:
     """Write ckpt_dir's weights as model_parallel_size shards into output_dir; returns output_dir.
 
     Raises CheckpointError if model_parallel_size does not divide the heads or the embedding's
-    split side (the message lists the sizes that work), FileExistsError if output_dir exists and
-    not overwrite.
+    split side (the message lists the sizes that work), FileExistsError if output_dir is not empty
+    and not overwrite, OutputFolderError if output_dir is, holds or lies inside ckpt_dir.
     """
     if isinstance(model_parallel_size, bool) or not isinstance(model_parallel_size, int) or model_parallel_size < 1:
         raise CheckpointError(f"--model_parallel_size must be a positive integer, got {model_parallel_size!r}")
@@ -70,25 +70,18 @@ def reshard(ckpt_dir: str, output_dir: str, model_parallel_size: int, overwrite:
     split_size = embedding.shape[0] * len(paths) if vocab_parallel else embedding.shape[1] * len(paths)
     check_model_parallel_size(args.n_heads, args.n_kv_heads or args.n_heads, split_size, model_parallel_size, ckpt_dir)
 
-    out = Path(output_dir)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"output folder {output_dir!r} exists; pass --overwrite True to replace it, or choose another")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    for name in COPIED_FILES:
-        if (Path(ckpt_dir) / name).is_file():
-            shutil.copy2(Path(ckpt_dir) / name, out / name)
-
-    start = time.time()
-    for rank in range(model_parallel_size):
-        state_dict = resharded_state_dict(shards, rank, model_parallel_size, vocab_parallel)
-        # clone: torch.save of a narrow view would write the whole underlying storage.
-        torch.save({k: v.clone() for k, v in state_dict.items()}, out / f"consolidated.{rank:02d}.pth")
-        del state_dict
-        print(f"llama-reshard: wrote shard {rank + 1}/{model_parallel_size} ({time.time() - start:.1f} s)", file=sys.stderr, flush=True)
-    write_checklist(out)
-    return out
+    with staged_output(output_dir, sources=[ckpt_dir], overwrite=overwrite, overwrite_flag="--overwrite True") as out:
+        for path in model_files(Path(ckpt_dir)):
+            shutil.copy2(path, out / path.name)
+        start = time.time()
+        for rank in range(model_parallel_size):
+            state_dict = resharded_state_dict(shards, rank, model_parallel_size, vocab_parallel)
+            # clone: torch.save of a narrow view would write the whole underlying storage.
+            torch.save({k: v.clone() for k, v in state_dict.items()}, out / f"consolidated.{rank:02d}.pth")
+            del state_dict
+            print(f"llama-reshard: wrote shard {rank + 1}/{model_parallel_size} ({time.time() - start:.1f} s)", file=sys.stderr, flush=True)
+        write_checklist(out)
+    return Path(output_dir)
 
 
 def main(ckpt_dir: str, output_dir: str, model_parallel_size: int, overwrite: bool = False) -> None:

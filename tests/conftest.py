@@ -1,7 +1,10 @@
 """Shared fixtures: real tokenizer files and reference vectors (fetched once, see assets.py)."""
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, List, TypeVar
 
 import pytest
 import torch
@@ -144,3 +147,45 @@ def llama3(llama3_ckpt, llama3_tokenizer_path) -> Llama:
 @pytest.fixture(scope="session")
 def llama2(llama2_ckpt, llama2_tokenizer_path) -> Llama:
     return Llama.build(str(llama2_ckpt), str(llama2_tokenizer_path), max_seq_len=64, max_batch_size=4)
+
+
+# --- checkpoint folders to write from, and folders that refuse writes ---
+
+
+@pytest.fixture(scope="session")
+def small_meta_template(tmp_path_factory) -> Path:
+    """A 1-shard Meta folder with a 320-token vocabulary (no tokenizer): quick to reshard and convert."""
+    params = {**TINY_PARAMS, "vocab_size": 320, "rope_theta": 10000.0}
+    state_dict = random_state_dict(ModelArgs.from_params(params), seed=5)
+    return write_checkpoint(tmp_path_factory.mktemp("small-meta") / "model", params, state_dict)
+
+
+@pytest.fixture(scope="session")
+def small_hf_template(tmp_path_factory, small_meta_template) -> Path:
+    """small_meta_template as a Hugging Face folder (config.json + model.safetensors)."""
+    from llama.convert import convert_meta_to_hf
+
+    return convert_meta_to_hf(small_meta_template, tmp_path_factory.mktemp("small-hf") / "model")
+
+
+@pytest.fixture
+def read_only() -> Iterator[Callable[[Path], None]]:
+    """Makes a folder refuse new entries, also for root (chattr +i, undone after the test).
+    Skips only where neither chattr +i nor file modes can do it (root without CAP_LINUX_IMMUTABLE)."""
+    made: List[Path] = []
+
+    def make(folder: Path) -> None:
+        if os.geteuid() != 0:
+            folder.chmod(0o555)
+        else:
+            result = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True) if shutil.which("chattr") else None
+            if result is None or result.returncode != 0:
+                pytest.skip(f"cannot make {folder} read-only for root here: chattr +i {result.stderr.strip() if result else 'not installed'}")
+        made.append(folder)
+
+    yield make
+    for folder in made:
+        if os.geteuid() != 0:
+            folder.chmod(0o755)
+        else:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)

@@ -1,5 +1,6 @@
 """Resharding: a checkpoint saved as N shards loads on M processes, and llama-reshard writes it as M shards."""
 
+import shutil
 import subprocess
 import sys
 
@@ -92,11 +93,26 @@ def test_reshard_checklist_verifies_with_md5sum(folders, tmp_path):
     subprocess.run(["md5sum", "-c", "checklist.chk"], cwd=out, check=True, capture_output=True)
 
 
-def test_reshard_refuses_existing_folder_unless_overwrite(folders, tmp_path):
+def test_reshard_refuses_a_non_empty_folder_unless_overwrite(folders, tmp_path):
     (tmp_path / "out").mkdir()
-    with pytest.raises(FileExistsError, match="overwrite"):
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is not empty; pass --overwrite True"):
         reshard(str(folders("llama3")[1]), str(tmp_path / "out"), 2)
-    assert (reshard(str(folders("llama3")[1]), str(tmp_path / "out"), 2, overwrite=True) / "consolidated.01.pth").is_file()
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    out = reshard(str(folders("llama3")[1]), str(tmp_path / "out"), 2, overwrite=True)
+    assert (out / "consolidated.01.pth").is_file() and not (out / "notes.txt").exists()
+
+
+def test_reshard_copies_a_converted_folders_tokenizer_files_and_lists_them_in_the_checklist(folders, tmp_path, smollm2_tokenizer_json):
+    src = tmp_path / "converted"
+    shutil.copytree(folders("llama3")[1], src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(smollm2_tokenizer_json.parent / name, src / name)
+    out = reshard(str(src), str(tmp_path / "mp2"), 2)
+    for name in ("params.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    subprocess.run(["md5sum", "-c", "checklist.chk"], cwd=out, check=True, capture_output=True)
+    assert "tokenizer.json" in (out / "checklist.chk").read_text()
 
 
 def test_reshard_bad_size_lists_valid_sizes(folders, tmp_path):

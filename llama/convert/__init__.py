@@ -7,7 +7,7 @@
 
 A Meta folder is params.json, consolidated.NN.pth shards, the tokenizer file and checklist.chk.
 Tensors are streamed one at a time from memory-mapped sources; output is written to a staging
-folder beside dst and renamed into place only when complete.
+folder beside dst and renamed into place only when complete (llama.output_folder).
 """
 
 import json
@@ -22,20 +22,20 @@ from llama.convert.meta import (
     TOKENIZER_FILES,
     MetaTensors,
     check_parallel_split,
-    output_folder,
     params_json_for,
     read_meta_folder,
     vocab_parallel_for,
     write_meta_shards,
     write_params,
 )
-from llama.reshard import write_checklist
+from llama.output_folder import staged_output, write_checklist
 
 __all__ = ["CheckpointError", "MetaTensors", "convert_meta_to_hf", "convert_to_meta", "detect_format", "read_as_meta"]
 
 PathLike = Union[str, Path]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+OVERWRITE_FLAG = "overwrite=True (--force)"
 _KINDS = "a Hugging Face folder (config.json + weights), a .gguf file or a Meta folder (params.json + consolidated.*.pth)"
 
 
@@ -99,7 +99,8 @@ def convert_to_meta(
     layout), which a Llama 2 tokenizer's loader does not expect for model_parallel_size > 1.
 
     Raises CheckpointError for a source our model cannot run (message names the field and value),
-    FileExistsError if dst is not empty and not overwrite.
+    FileExistsError if dst is not empty and not overwrite, OutputFolderError (a ValueError) if dst
+    is, holds or lies inside src.
     """
     src_path, dst_path = Path(src), Path(dst)
     kind = detect_format(src_path)
@@ -109,7 +110,7 @@ def convert_to_meta(
     if isinstance(model_parallel_size, bool) or not isinstance(model_parallel_size, int) or model_parallel_size < 1:
         raise CheckpointError(f"model_parallel_size must be a positive integer, got {model_parallel_size!r}")
     params, tensors = read_as_meta(src_path)
-    with output_folder(dst_path, overwrite, [src_path]) as out:
+    with staged_output(dst_path, sources=[src_path], overwrite=overwrite, overwrite_flag=OVERWRITE_FLAG) as out:
         tokenizer_path = _write_tokenizer(kind, src_path, out) if tokenizer else None
         vocab_parallel = vocab_parallel_for(tokenizer_path)
         check_parallel_split(params, vocab_parallel, model_parallel_size, str(src_path))
@@ -125,7 +126,8 @@ def convert_meta_to_hf(src: PathLike, dst: PathLike, overwrite: bool = False) ->
     dst gets config.json, model.safetensors (q/k rows in Hugging Face's rotate-half order, the
     dtype of the source) and the folder's tokenizer file(s), copied.
 
-    Raises CheckpointError for an unusable Meta folder, FileExistsError if dst is not empty and not overwrite.
+    Raises CheckpointError for an unusable Meta folder, FileExistsError if dst is not empty and not
+    overwrite, OutputFolderError (a ValueError) if dst is, holds or lies inside src.
     """
     from llama.convert.hf import config_from_params, write_hf_weights
 
@@ -134,7 +136,7 @@ def convert_meta_to_hf(src: PathLike, dst: PathLike, overwrite: bool = False) ->
     if kind != "meta":
         raise CheckpointError(f"{src_path} is a {kind} checkpoint, not a Meta folder (params.json + consolidated.*.pth)")
     params, tensors, vocab_parallel = read_meta_folder(src_path)
-    with output_folder(dst_path, overwrite, [src_path]) as out:
+    with staged_output(dst_path, sources=[src_path], overwrite=overwrite, overwrite_flag=OVERWRITE_FLAG) as out:
         tokenizer_files = [src_path / name for name in TOKENIZER_FILES if (src_path / name).is_file()]
         # A tokenizer.json comes with the tokenizer_config.json that holds its BOS/EOS and chat template.
         companions = [src_path / "tokenizer_config.json"]

@@ -6,16 +6,13 @@ the source (memory-mapped) and converted only when it is accessed. Writers go th
 tensor at a time, so memory stays near the largest tensor plus one output shard.
 """
 
-import contextlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -309,45 +306,6 @@ def check_parallel_split(params: Dict[str, Any], vocab_parallel_embedding: bool,
     split_size = params["vocab_size"] if vocab_parallel_embedding else params["dim"]
     n_heads = params["n_heads"]
     check_model_parallel_size(n_heads, params.get("n_kv_heads") or n_heads, split_size, model_parallel_size, source)
-
-
-# --- output folders ---
-
-
-@contextlib.contextmanager
-def output_folder(dst: Path, overwrite: bool, sources: List[Path]) -> Iterator[Path]:
-    """A staging folder beside dst that becomes dst when the block succeeds; on failure it is removed.
-
-    Raises FileExistsError if dst exists and is not empty (unless overwrite), or dst is a file;
-    ValueError if replacing dst would delete a source.
-    """
-    check_output_folder(dst, overwrite, sources)
-    staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if dst.exists():
-        shutil.rmtree(dst)
-    staging.rename(dst)
-
-
-def check_output_folder(dst: Path, overwrite: bool, sources: List[Path]) -> None:
-    resolved = dst.resolve()
-    for src in sources:
-        src = src.resolve()
-        if resolved == src or resolved in src.parents:
-            raise ValueError(f"output folder {str(dst)!r} holds the source {str(src)!r}; choose another output folder")
-    if dst.is_file():
-        raise FileExistsError(f"output path {str(dst)!r} is a file; pass a folder to create")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output folder {str(dst)!r} exists and is not empty; pass overwrite=True (--force) to replace it, or choose another"
-        )
 
 
 class Progress:
