@@ -1,8 +1,12 @@
 """Model hyper-parameters, read from a checkpoint's params.json."""
 
 import logging
+import math
+import numbers
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from llama.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +30,79 @@ class ModelArgs:
     max_seq_len: int = 2048
 
     @classmethod
-    def from_params(cls, params: Dict[str, Any], **overrides: Any) -> "ModelArgs":
-        """Build from a params.json dict; keys this version does not know are logged and ignored."""
+    def from_params(cls, params: Dict[str, Any], source: str = "params.json", **overrides: Any) -> "ModelArgs":
+        """Build from a params.json dict read from `source` (named in errors), then apply overrides.
+
+        Keys this version does not know are logged and ignored. Raises CheckpointError, naming
+        source, field and value, for a missing shape field or a value of the wrong type or range
+        (see check_params).
+        """
+        check_params(params, source)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
-            logger.debug("params.json: ignoring keys this version does not use: %s", unknown)
+            logger.debug("%s: ignoring keys this version does not use: %s", source, unknown)
         return cls(**{**{k: v for k, v in params.items() if k in known}, **overrides})
+
+
+# Every params.json Meta ships (Llama 1, 2, 3, 3.1, 3.2, Code Llama) names these: the defaults
+# above are one model's, and a file without them would build some other model without a word.
+REQUIRED_PARAMS = ("dim", "n_layers", "n_heads", "multiple_of", "norm_eps")
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _positive_integer(value: Any) -> bool:
+    return _integer(value) and value > 0
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+# field -> (check, what the field must be)
+_PARAM_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "dim": (_positive_integer, "a positive integer"),
+    "n_layers": (_positive_integer, "a positive integer"),
+    "n_heads": (_positive_integer, "a positive integer"),
+    "n_kv_heads": (_optional(_positive_integer), "a positive integer, or null (as many as n_heads)"),
+    "vocab_size": (lambda v: _integer(v) and (v > 0 or v == -1), "a positive integer, or -1 (taken from the tokenizer)"),
+    "multiple_of": (_positive_integer, "a positive integer"),
+    "ffn_dim_multiplier": (_optional(_positive_number), "a positive number, or null"),
+    "norm_eps": (_positive_number, "a positive number"),
+    "rope_theta": (_positive_number, "a positive number"),
+    "use_scaled_rope": (lambda v: isinstance(v, bool), "true or false"),
+    "vocab_parallel_embedding": (lambda v: isinstance(v, bool), "true or false"),
+    "max_batch_size": (_positive_integer, "a positive integer"),
+    "max_seq_len": (_positive_integer, "a positive integer"),
+}
+
+
+def check_params(params: Dict[str, Any], source: str = "params.json") -> None:
+    """The one check of params.json values: the shape fields are there, every known field has its
+    type and range, and the heads split evenly. Raises CheckpointError naming source, field and value."""
+
+    def refuse(field: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{source}: {field} = {params[field]!r}: {why}; correct it, or download params.json again")
+
+    missing = [k for k in REQUIRED_PARAMS if k not in params]
+    if missing:
+        raise CheckpointError(
+            f"{source} lacks {', '.join(missing)}: a params.json names the model's shape "
+            f"({', '.join(REQUIRED_PARAMS)}); download it again with the weights"
+        )
+    for field, (check, expected) in _PARAM_RULES.items():
+        if field in params and not check(params[field]):
+            raise refuse(field, f"must be {expected}")
+    dim, n_heads = params["dim"], params["n_heads"]
+    if dim % n_heads or (dim // n_heads) % 2:
+        raise refuse("n_heads", f"dim {dim} must split into n_heads heads of an even size (RoPE rotates pairs)")
+    n_kv_heads = params.get("n_kv_heads")
+    if n_kv_heads is not None and n_heads % n_kv_heads:
+        raise refuse("n_kv_heads", f"must divide n_heads ({n_heads}): each key/value head serves a whole group of query heads")

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message
 from llama.demo import checkpoint_or_demo
 from llama.generation import Llama
+from llama.sampling_args import check_sampling_args
 
 PROMPT = "> "
 BANNER = "Chatting with the model: /help lists the commands, /quit or Ctrl-D leaves.\n\n"
@@ -33,16 +34,13 @@ Ctrl-C stops an answer while it is written; the part shown stays in the conversa
 
 
 def check_settings(max_seq_len: int, max_gen_len: Optional[int], temperature: float, top_p: float) -> None:
-    """Raise ValueError, naming the flag, for settings that would otherwise fail only at the first answer."""
+    """Raise TypeError / ValueError, naming the flag, for settings that would otherwise fail only at the first answer."""
+    check_sampling_args(temperature, top_p, max_gen_len)
     if max_gen_len is not None and not 0 < max_gen_len < max_seq_len:
         raise ValueError(
             f"max_gen_len={max_gen_len} leaves no room for the conversation in max_seq_len={max_seq_len}: "
             f"pass a --max_gen_len from 1 to {max_seq_len - 1}, or leave it out"
         )
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def answer_reserve(max_seq_len: int, max_gen_len: Optional[int]) -> int:

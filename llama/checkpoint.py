@@ -7,20 +7,18 @@ dtype on the CPU are used in place instead of being copied.
 
 import ctypes
 import json
-import logging
 import mmap
 import pickle
+import re
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from llama.linear import LocalProduct, pack_weight
-
-logger = logging.getLogger(__name__)
 
 # Real Llama 2 shards carry this precomputed RoPE table, which the model computes itself.
 IGNORED_KEYS = frozenset({"rope.freqs"})
@@ -51,11 +49,34 @@ def shard_dim(key: str, vocab_parallel_embedding: bool) -> Optional[int]:
     return _SHARD_DIMS.get(suffix)
 
 
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.")
+
 _REDOWNLOAD = "The file is damaged or incomplete; check it (md5sum -c checklist.chk) and download it again."
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder or shard that cannot be used, with what to do about it."""
+
+
+def unexpected_weights_error(
+    source: str, keys: List[str], n_layers: int, layers_field: str, shown: Callable[[str], str] = str
+) -> CheckpointError:
+    """The error for weights (Meta keys) that a model built from the parameters does not have.
+
+    Layers past layers_field are named as such: loading without them would run a truncated
+    model. shown(key) is the source's own name for a key.
+    """
+    examples = [shown(k) for k in keys[:3]]
+    layers = [int(m.group(1)) for k in keys if (m := _LAYER_KEY.match(k))]
+    if layers and max(layers) >= n_layers:
+        return CheckpointError(
+            f"{source}: {layers_field} = {n_layers}, but the weights have {max(layers) + 1} layers (e.g. {examples}): "
+            f"the model would run without them and give wrong results; correct {layers_field}, or use the parameters "
+            "that came with these weights"
+        )
+    return CheckpointError(
+        f"{source} holds {len(keys)} weight(s) a Llama model does not have, e.g. {examples}; is it a Meta Llama checkpoint?"
+    )
 
 
 def checkpoint_paths(ckpt_dir: str) -> List[Path]:
@@ -77,7 +98,13 @@ def checkpoint_paths(ckpt_dir: str) -> List[Path]:
 
 
 def read_params(ckpt_dir: str) -> Dict[str, Any]:
-    return read_json_object(Path(ckpt_dir) / "params.json")
+    """ckpt_dir's params.json, its values checked (llama.args.check_params) before anything is built from them."""
+    from llama.args import check_params  # llama.args imports this module
+
+    path = Path(ckpt_dir) / "params.json"
+    params = read_json_object(path)
+    check_params(params, str(path))
+    return params
 
 
 def read_json_object(path: Path) -> Dict[str, Any]:
@@ -198,7 +225,7 @@ def load_into(
             "params.json and the shards do not belong together, or the file is incomplete"
         )
     if unexpected:
-        logger.warning("%s: ignoring %d unexpected tensor(s), e.g. %s", path, len(unexpected), unexpected[:3])
+        raise unexpected_weights_error(str(path), unexpected, model.params.n_layers, "params.json n_layers")
     mismatched = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()

@@ -25,10 +25,37 @@ _DTYPES = {
 
 
 def requested_world_size(model_parallel_size: Optional[int]) -> int:
-    """Model-parallel size asked for, else the torchrun world size (1 without torchrun)."""
-    if model_parallel_size is not None:
-        return model_parallel_size
-    return int(os.environ.get("WORLD_SIZE", 1))
+    """Model-parallel size asked for, else the torchrun world size (1 without torchrun).
+
+    Raises TypeError / ValueError for a model_parallel_size that is not a positive integer.
+    """
+    if model_parallel_size is None:
+        return int(os.environ.get("WORLD_SIZE", 1))
+    if isinstance(model_parallel_size, bool) or not isinstance(model_parallel_size, int):
+        raise TypeError(f"model_parallel_size must be an integer (a number of processes), got {model_parallel_size!r}")
+    if model_parallel_size < 1:
+        raise ValueError(f"model_parallel_size must be >= 1, got {model_parallel_size}")
+    return model_parallel_size
+
+
+def check_world_holds(model_parallel_size: int) -> None:
+    """The running processes can form groups of model_parallel_size: Llama.build cannot start processes itself.
+
+    Without this, a single process asked for 2 would build a whole model and load half of each
+    weight into it, failing on shapes. Raises ValueError saying how to start the processes.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    if world % model_parallel_size == 0:
+        return
+    if world == 1:
+        raise ValueError(
+            f"model_parallel_size={model_parallel_size} needs {model_parallel_size} processes, but this is a single process: "
+            f"run with `torchrun --nproc_per_node {model_parallel_size} ...` (or leave model_parallel_size out)"
+        )
+    raise ValueError(
+        f"model_parallel_size={model_parallel_size} does not divide the {world} processes started: "
+        f"run with `torchrun --nproc_per_node {model_parallel_size} ...` (or leave model_parallel_size out)"
+    )
 
 
 def select_device(device: Union[str, torch.device, None] = None) -> torch.device:

@@ -14,6 +14,7 @@ from llama.args import ModelArgs
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, chat_format_for
 from llama.checkpoint import CheckpointError, check_model_parallel_size, load_into
 from llama.distributed import (
+    check_world_holds,
     default_device_and_dtype,
     init_model_parallel,
     requested_world_size,
@@ -22,6 +23,7 @@ from llama.distributed import (
 )
 from llama.linear import check_weight_format
 from llama.model import Transformer
+from llama.sampling_args import check_sampling_args
 from llama.source import open_checkpoint, open_tokenizer
 from llama.stream import StreamEvent, stream_steps
 from llama.host import cache_root, configure_threads
@@ -84,16 +86,20 @@ class Llama:
         with (default $LLAMA_NUM_THREADS, else the CPUs this process may use, see llama.host).
         All inputs are checked before any weight is read.
         """
+        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len and max_batch_size must be positive, got {max_seq_len} and {max_batch_size}")
         check_weight_format(weight_format)
+        mp_size = requested_world_size(model_parallel_size)
         source = open_checkpoint(ckpt_dir)
         params = source.params
         tokenizer = open_tokenizer(source, tokenizer_path)
         tokenizer_path = tokenizer_path or "the checkpoint's own tokenizer"
-        mp_size = requested_world_size(model_parallel_size)
         model_args = ModelArgs.from_params(
-            {**FAMILY_DEFAULTS[tokenizer.family], **params}, max_seq_len=max_seq_len, max_batch_size=max_batch_size
+            {**FAMILY_DEFAULTS[tokenizer.family], **params}, source.params_file,
+            max_seq_len=max_seq_len, max_batch_size=max_batch_size,
         )
         _check_vocab(model_args, tokenizer, tokenizer_path, ckpt_dir)
         model_args.vocab_size = tokenizer.n_words
@@ -101,6 +107,7 @@ class Llama:
             model_args.n_heads, model_args.n_kv_heads or model_args.n_heads,
             model_args.vocab_size if model_args.vocab_parallel_embedding else model_args.dim, mp_size, ckpt_dir,
         )
+        check_world_holds(mp_size)
         device = select_device(device)
         dtype = select_dtype(device, dtype)
         configure_threads(threads)
@@ -159,7 +166,7 @@ class Llama:
         Returns the new tokens (with the prompt if echo) and, if logprobs, the log-probability of
         each returned token.
         """
-        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
         steps = self._generate_steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
         for _ in steps:
             pass
@@ -297,11 +304,17 @@ class Llama:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         # Checked here, before the first next(), so bad input fails at the call.
-        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
         steps = self._generate_steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
         return stream_steps(steps, self.tokenizer, [len(t) for t in prompt_tokens], max_gen_len, logprobs, fixed)
 
-    def _check_generate_args(self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float) -> None:
+    def _check_generate_args(
+        self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float, logprobs: bool, echo: bool = False
+    ) -> None:
+        check_sampling_args(temperature, top_p, max_gen_len)
+        for name, flag in (("logprobs", logprobs), ("echo", echo)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r} ({type(flag).__name__})")
         params = self.model.params
         if not prompt_tokens:
             raise ValueError("no prompts given: pass at least one")
@@ -322,12 +335,6 @@ class Llama:
             bad = [x for x in t if not 0 <= x < self.tokenizer.n_words]
             if bad:
                 raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {self.tokenizer.n_words}): {bad[:5]}")
-        if max_gen_len < 0:
-            raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 class _Steps:

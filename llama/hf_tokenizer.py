@@ -48,7 +48,7 @@ from typing import (
 
 import tiktoken
 
-from llama.tokenizer import Tokenizer, _check_file, _check_str, _split_long_runs
+from llama.tokenizer import Tokenizer, _check_file, _check_str, _split_long_runs, replace_lone_surrogates
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class ByteLevelBPETokenizer(Tokenizer):
             ValueError: `s` holds text of a special token named in `disallowed_special`.
         """
         _check_str(s)
-        s = _replace_surrogates(s)
+        s = replace_lone_surrogates(s)
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
         allowed |= self._always_matched
         t: List[int] = []
@@ -541,15 +541,6 @@ def _chat_template(config: Mapping[str, Any], folder: Path) -> Optional[str]:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     return template if isinstance(template, str) else None
-
-
-def _replace_surrogates(s: str) -> str:
-    """Lone surrogates become U+FFFD, as tiktoken does before encoding."""
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        s = s.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return s
 
 
 def _holds_any(s: str, absent: bytes) -> bool:

@@ -30,6 +30,11 @@ class CheckpointSource:
     def kind(self) -> str:
         return "meta" if self.shards is not None else "converted"
 
+    @property
+    def params_file(self) -> str:
+        """Where params came from, for errors about their values."""
+        return str(self.path / "params.json") if self.kind == "meta" else f"{self.path} (converted)"
+
     def state_dict_for(self, rank: int, model_parallel_size: int, vocab_parallel_embedding: bool) -> Dict[str, torch.Tensor]:
         if self.shards is not None:
             return load_for_rank(self.shards, rank, model_parallel_size, vocab_parallel_embedding)

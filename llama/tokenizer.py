@@ -110,11 +110,14 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         """Encodes `s` with SentencePiece; `bos`/`eos` add Llama 2's <s> and </s>.
 
+        Lone surrogates ("\\ud800", which no UTF-8 text holds) become U+FFFD, as tiktoken makes
+        them for Llama 3: SentencePiece itself cannot take them.
+
         Raises:
             TypeError: `s` is not a str (Meta asserts this).
         """
         _check_str(s)
-        t: List[int] = self.sp_model.encode(s)
+        t: List[int] = self.sp_model.encode(replace_lone_surrogates(s))
         if bos:
             t = [self.bos_id] + t
         if eos:
@@ -242,6 +245,15 @@ def _split_long_runs(s: str, max_run: int) -> Iterator[str]:
             yield s[start:cut]
             start = cut
     yield s[start:]
+
+
+def replace_lone_surrogates(s: str) -> str:
+    """Lone surrogates become U+FFFD, as tiktoken does before encoding: every family encodes them alike."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        s = s.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return s
 
 
 def _check_str(s: object) -> None:

@@ -199,3 +199,45 @@ def test_a_tied_output_shares_the_embeddings_memory_after_conversion(tmp_path, l
     model = generator.model
     assert model.output.weight.dtype == torch.float32
     assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+
+
+def test_shards_with_more_layers_than_params_json_says_are_refused_naming_n_layers(tmp_path, llama3_ckpt, llama3_tokenizer_path):
+    folder = copy_ckpt(llama3_ckpt, tmp_path / "ckpt")
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({**params, "n_layers": 1}))
+    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth: params\.json n_layers = 1, but the weights have 2 layers .*layers\.1\."):
+        build(folder, llama3_tokenizer_path)
+
+
+def test_a_tensor_a_llama_model_does_not_have_is_refused_naming_it(tmp_path, llama3_ckpt, llama3_tokenizer_path):
+    folder = copy_ckpt(llama3_ckpt, tmp_path / "ckpt")
+    shard = folder / "consolidated.00.pth"
+    torch.save({**torch.load(shard, weights_only=True), "lm_head.bias": torch.zeros(4)}, shard)
+    with pytest.raises(CheckpointError, match=r"holds 1 weight\(s\) a Llama model does not have, e\.g\. \['lm_head\.bias'\]"):
+        build(folder, llama3_tokenizer_path)
+
+
+def test_llama2_shards_keep_their_rope_freqs_table(llama2_ckpt, llama2):
+    assert "rope.freqs" in torch.load(llama2_ckpt / "consolidated.00.pth", weights_only=True, mmap=True)
+    assert llama2.model.params.n_layers == TINY_PARAMS["n_layers"]
+
+
+def test_model_parallel_size_without_torchrun_says_how_to_start_the_processes(llama3_ckpt, llama3_tokenizer_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"model_parallel_size=2 needs 2 processes, but this is a single process: run with `torchrun --nproc_per_node 2"):
+        build(llama3_ckpt, llama3_tokenizer_path, model_parallel_size=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"model_parallel_size": "2"}, TypeError, r"model_parallel_size must be an integer .*got '2'"),
+        ({"model_parallel_size": 0}, ValueError, r"model_parallel_size must be >= 1, got 0"),
+        ({"max_seq_len": "32"}, TypeError, r"max_seq_len must be an integer, got '32' \(str\)"),
+        ({"max_batch_size": 2.5}, TypeError, r"max_batch_size must be an integer, got 2\.5 \(float\)"),
+    ],
+    ids=["model_parallel_size-string", "model_parallel_size-zero", "max_seq_len-string", "max_batch_size-float"],
+)
+def test_build_arguments_of_the_wrong_type_are_named(llama3_ckpt, llama3_tokenizer_path, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        build(llama3_ckpt, llama3_tokenizer_path, **kwargs)

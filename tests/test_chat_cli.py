@@ -232,6 +232,25 @@ def test_settings_are_checked_before_the_checkpoint_is_read(tmp_path):
         main(ckpt_dir=str(tmp_path / "missing"), tokenizer_path=str(tmp_path / "missing.model"), max_gen_len=512)
 
 
+@pytest.mark.parametrize(
+    "settings, error, message",
+    [
+        ({"temperature": float("nan")}, ValueError, r"temperature must be a finite number"),
+        ({"top_p": "0.9"}, TypeError, r"top_p must be a number in \(0, 1\], got '0\.9'"),
+        ({"max_gen_len": 2.5}, TypeError, r"max_gen_len must be an integer"),
+    ],
+    ids=["temperature-nan", "top_p-string", "max_gen_len-float"],
+)
+def test_sampling_flags_are_checked_as_the_api_checks_them_before_the_checkpoint_is_read(tmp_path, settings, error, message):
+    with pytest.raises(error, match=message):
+        main(ckpt_dir=str(tmp_path / "missing"), tokenizer_path=str(tmp_path / "missing.model"), **settings)
+
+
+def test_a_lone_surrogate_typed_into_a_llama2_chat_is_answered(llama2):
+    _, out = chat(llama2, ["hi \ud800"])
+    assert out == transcript([greedy_answer(llama2, [{"role": "user", "content": "hi \ufffd"}])])
+
+
 # --- the command itself, as a process ---
 
 

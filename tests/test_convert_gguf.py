@@ -233,6 +233,13 @@ def test_another_architecture_is_refused_naming_it(tmp_path):
     assert not (tmp_path / "meta").exists()
 
 
+def test_tensors_of_more_layers_than_the_block_count_are_refused_naming_it(tmp_path):
+    three_layers = random_state_dict(ModelArgs.from_params({**TINY_PARAMS, "vocab_size": VOCAB, "n_layers": 3}), seed=7)
+    path = write_gguf(tmp_path / "three.gguf", three_layers)  # llama.block_count = 2
+    with pytest.raises(CheckpointError, match=r"llama\.block_count = 2, but the weights have 3 layers .*blk\.2\."):
+        read_as_meta(path)
+
+
 def test_mixture_of_experts_is_refused(tmp_path):
     path = write_gguf(tmp_path / "moe.gguf", metadata={"add_expert_count": 8})
     with pytest.raises(CheckpointError, match="llama.expert_count = 8"):

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from checkpoints import TINY_PARAMS, random_state_dict, write_checkpoint
+from llama import Llama
 from llama.args import ModelArgs
 from llama.checkpoint import CheckpointError, checkpoint_paths, load_for_rank, load_into, load_shard, read_params, shard_dim
 from llama.convert import convert_meta_to_hf, convert_to_meta, detect_format, read_as_meta
 from llama.convert.hf import params_from_config
+from llama.convert.safetensors import load_file
 from llama.convert.meta import ffn_hidden_dim, solve_ffn
 from llama.distributed import default_device_and_dtype
 from llama.model import FeedForward, Transformer
@@ -210,8 +212,6 @@ def test_converted_folder_loads_with_llama_build_and_gives_transformers_logits(h
 
 @pytest.mark.parametrize("family", ["llama2", "llama3"])
 def test_llama_build_loads_a_hugging_face_folder_directly(hf_with_tokenizer, family):
-    from llama import Llama
-
     folder, hf = hf_with_tokenizer[family]
     llama = Llama.build(str(folder), None, max_seq_len=64, max_batch_size=2, device="cpu", dtype="float32")
     toks = torch.tensor(llama.tokenizer.encode("The capital of France is", bos=True, eos=False))[None]
@@ -367,6 +367,63 @@ def test_configs_our_model_does_not_implement_are_refused_naming_the_field(tmp_p
     with pytest.raises(CheckpointError, match=message):
         convert_to_meta(folder, tmp_path / "meta", tokenizer=False)
     assert not (tmp_path / "meta").exists()
+
+
+BAD_CONFIG_VALUES = {
+    "num_hidden_layers-negative": ("num_hidden_layers", -1, r"num_hidden_layers = -1: must be a positive integer"),
+    "hidden_size-string": ("hidden_size", "4096", r"hidden_size = '4096': must be a positive integer"),
+    "hidden_size-negative": ("hidden_size", -4096, r"hidden_size = -4096: must be a positive integer"),
+    "num_attention_heads-string": ("num_attention_heads", "32", r"num_attention_heads = '32': must be a positive integer"),
+    "num_attention_heads-zero": ("num_attention_heads", 0, r"num_attention_heads = 0: must be a positive integer"),
+    "num_key_value_heads-not-dividing": ("num_key_value_heads", 5, r"num_key_value_heads = 5: must divide num_attention_heads \(32\)"),
+    "intermediate_size-bool": ("intermediate_size", True, r"intermediate_size = True: must be a positive integer"),
+    "vocab_size-float": ("vocab_size", 32000.5, r"vocab_size = 32000\.5: must be a positive integer"),
+    "rms_norm_eps-string": ("rms_norm_eps", "1e-5", r"rms_norm_eps = '1e-5': must be a positive number"),
+    "rope_theta-string": ("rope_theta", "10000", r"rope_theta = '10000': must be a positive number"),
+    "rope_scaling-string": ("rope_scaling", "llama3", r"rope_scaling = 'llama3': must be an object, or null"),
+    "tie_word_embeddings-string": ("tie_word_embeddings", "false", r"tie_word_embeddings = 'false': must be true or false"),
+}
+
+
+@pytest.mark.parametrize("field, value, message", BAD_CONFIG_VALUES.values(), ids=list(BAD_CONFIG_VALUES))
+def test_config_values_of_the_wrong_type_or_range_are_refused_naming_file_field_and_value(tmp_path, field, value, message):
+    folder = write_config(tmp_path / "hf", **{field: value})
+    with pytest.raises(CheckpointError, match=rf"config\.json: {message}"):
+        read_as_meta(folder)
+
+
+def hf_copy(folder: Path, dst: Path, **config_changes) -> Path:
+    """dst holding folder's weights (linked) and its config.json with config_changes."""
+    dst.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, **config_changes}))
+    for path in folder.glob("*.safetensors*"):
+        (dst / path.name).symlink_to(path)
+    return dst
+
+
+def test_weights_with_more_layers_than_num_hidden_layers_are_refused_naming_it(hf_folders, tmp_path):
+    folder = hf_copy(hf_folders["gqa"][0], tmp_path / "hf", num_hidden_layers=1)
+    with pytest.raises(CheckpointError, match=r"config\.json num_hidden_layers = 1, but the weights have 2 layers .*model\.layers\.1\."):
+        read_as_meta(folder)
+
+
+def test_llama_build_refuses_a_hugging_face_folder_with_fewer_layers_than_its_weights(hf_with_tokenizer, tmp_path, llama3_tokenizer_path):
+    folder = hf_copy(hf_with_tokenizer["llama3"][0], tmp_path / "hf", num_hidden_layers=1)
+    with pytest.raises(CheckpointError, match=r"num_hidden_layers = 1, but the weights have 2 layers"):
+        Llama.build(str(folder), str(llama3_tokenizer_path), max_seq_len=32, max_batch_size=1)
+
+
+def test_an_index_pointing_outside_the_model_folder_is_refused(hf_folders, tmp_path):
+    source = hf_folders["gqa"][0]
+    (tmp_path / "x.safetensors").symlink_to(source / "model.safetensors")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text((source / "config.json").read_text())
+    names = list(load_file(source / "model.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: "../x.safetensors" for n in names}}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json places .* in '\.\./x\.safetensors', which is not a file inside"):
+        read_as_meta(folder)
 
 
 def test_transformers_5_rope_parameters_are_read(tmp_path):

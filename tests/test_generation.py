@@ -11,6 +11,7 @@ import torch
 
 from llama import Llama, sample_top_p
 from llama.chat_format import UNSAFE_ERROR
+from llama.sampling_args import check_sampling_args
 
 
 def reference_generate(
@@ -221,6 +222,52 @@ def test_prompt_longer_than_max_seq_len_says_what_to_pass(llama3):
 def test_bad_sampling_arguments_are_named(llama3, kwargs, message):
     with pytest.raises(ValueError, match=message):
         llama3.generate([[128000, 40]], **{"max_gen_len": 2, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"temperature": float("nan")}, ValueError, r"temperature must be a finite number >= 0 \(0 means greedy\), got nan"),
+        ({"temperature": float("inf")}, ValueError, r"temperature must be a finite number >= 0 .*got inf"),
+        ({"top_p": float("nan")}, ValueError, r"top_p must be a finite number in \(0, 1\], got nan"),
+        ({"temperature": "0.6"}, TypeError, r"temperature must be a number >= 0 .*got '0\.6' \(str\)"),
+        ({"top_p": "0.9"}, TypeError, r"top_p must be a number in \(0, 1\], got '0\.9' \(str\)"),
+        ({"temperature": True}, TypeError, r"temperature must be a number .*got True \(bool\)"),
+        ({"max_gen_len": 2.5}, TypeError, r"max_gen_len must be an integer >= 0 .*got 2\.5 \(float\)"),
+        ({"max_gen_len": "2"}, TypeError, r"max_gen_len must be an integer >= 0 .*got '2' \(str\)"),
+        ({"logprobs": "False"}, TypeError, r"logprobs must be True or False, got 'False' \(str\)"),
+        ({"echo": 1}, TypeError, r"echo must be True or False, got 1 \(int\)"),
+    ],
+    ids=["temperature-nan", "temperature-inf", "top_p-nan", "temperature-string", "top_p-string", "temperature-bool",
+         "max_gen_len-float", "max_gen_len-string", "logprobs-string", "echo-int"],
+)  # fmt: skip
+def test_sampling_arguments_of_the_wrong_type_or_not_finite_are_named(llama3, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        llama3.generate([[128000, 40]], **{"max_gen_len": 2, **kwargs})
+
+
+@pytest.mark.parametrize("entry_point", ["text_completion", "chat_completion", "stream_text_completion", "stream_chat_completion"])
+def test_every_entry_point_refuses_a_nan_temperature(llama3, entry_point):
+    prompts = [[{"role": "user", "content": "hi"}]] if "chat" in entry_point else ["hi"]
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        getattr(llama3, entry_point)(prompts, temperature=float("nan"), max_gen_len=2)
+
+
+def test_check_sampling_args_accepts_metas_defaults_and_no_max_gen_len():
+    check_sampling_args(0.6, 0.9, None)
+    check_sampling_args(0, 1, 0)
+
+
+def test_a_lone_surrogate_in_a_llama2_dialog_is_answered_as_the_replacement_character(llama2):
+    def answer(content: str) -> str:
+        return llama2.chat_completion([[{"role": "user", "content": content}]], temperature=0, max_gen_len=4)[0]["generation"]["content"]
+
+    assert answer("hi \ud800 there") == answer("hi \ufffd there")
+
+
+def test_a_lone_surrogate_in_a_llama2_prompt_is_completed_as_the_replacement_character(llama2):
+    completions = llama2.text_completion(["a \udfff b", "a \ufffd b"], temperature=0, max_gen_len=4)
+    assert completions[0] == completions[1]
 
 
 def test_empty_prompt_is_rejected(llama3):

@@ -110,3 +110,34 @@ def test_unsupported_dtype_is_refused_naming_it(tmp_path):
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0")
     with pytest.raises(SafetensorsError, match="tensor 'w' has dtype F8_E4M3, which this reader does not support"):
         SafetensorsFile(path)
+
+
+def raw_safetensors(path, header: dict, data: bytes):
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    return path
+
+
+def test_two_tensors_on_the_same_bytes_are_refused(tmp_path):
+    # A crafted file whose lm_head is the embedding's bytes: read as is, the model would silently tie them.
+    entry = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+    path = raw_safetensors(tmp_path / "t.safetensors", {"model.embed_tokens.weight": entry, "lm_head.weight": entry}, bytes(16))
+    with pytest.raises(SafetensorsError, match=r"t\.safetensors: tensors 'lm_head\.weight' .* and 'model\.embed_tokens\.weight' .* overlap"):
+        SafetensorsFile(path)
+
+
+def test_tensors_whose_bytes_partly_overlap_are_refused(tmp_path):
+    header = {
+        "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+    }
+    with pytest.raises(SafetensorsError, match=r"tensors 'a' \(data_offsets \[0, 16\]\) and 'b' \(\[8, 24\]\) overlap"):
+        SafetensorsFile(raw_safetensors(tmp_path / "t.safetensors", header, bytes(24)))
+
+
+def test_empty_tensors_may_share_an_offset(tmp_path):
+    header = {
+        "empty": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]},
+        "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+    }
+    assert SafetensorsFile(raw_safetensors(tmp_path / "t.safetensors", header, bytes(8))).keys() == ["empty", "w"]

@@ -266,3 +266,9 @@ def test_eos_is_a_stop_token(tokenizer):
 def test_encode_rejects_non_str(tokenizer):
     with pytest.raises(TypeError, match="bytes"):
         tokenizer.encode(b"Hello", bos=True, eos=False)
+
+
+@pytest.mark.parametrize("lone", ["\ud800", "\udfff"], ids=["high", "low"])
+def test_a_lone_surrogate_is_encoded_as_the_replacement_character(tokenizer, lone):
+    # No UTF-8 text holds one; tiktoken replaces it, and every family does the same.
+    assert tokenizer.encode(f"a{lone}b", bos=True, eos=False) == tokenizer.encode("a\ufffdb", bos=True, eos=False)

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from llama.args import check_params
 from llama.checkpoint import CheckpointError
 from llama.convert.meta import MetaTensors, TensorSpec, check_shapes, ordered_params, solve_ffn
 
@@ -109,7 +110,7 @@ def read_gguf_as_meta(path: Path) -> Tuple[Dict[str, Any], MetaTensors]:
     for key, name in names.items():
         t = tensors[name]
         specs[key] = (_FLOAT_TYPES.get(t.tensor_type.name, torch.float32), tuple(reversed([int(d) for d in t.shape])))
-    check_shapes(params, specs, str(path), lambda key: names.get(key) or gguf_name(key))
+    check_shapes(params, specs, str(path), lambda key: names.get(key) or gguf_name(key), "llama.block_count")
 
     def load(key: str) -> torch.Tensor:
         return _to_torch(gguf, tensors[names[key]], specs[key][1])
@@ -130,6 +131,8 @@ def _params(path: Path, field, tensors: Dict[str, Any]) -> Dict[str, Any]:
     for key, value in (("llama.attention.head_count", n_heads), ("llama.attention.head_count_kv", n_kv_heads)):
         if not isinstance(value, int):
             raise refuse(key, value, "a different head count per layer is not Meta's Llama")
+        if value < 1:
+            raise refuse(key, value, "must be a positive number of heads")
     if dim % n_heads or (dim // n_heads) % 2 or n_heads % n_kv_heads:
         raise refuse("llama.attention.head_count", n_heads, f"with embedding_length {dim} and head_count_kv {n_kv_heads} the heads do not split evenly")
     head_dim = dim // n_heads
@@ -146,7 +149,7 @@ def _params(path: Path, field, tensors: Dict[str, Any]) -> Dict[str, Any]:
     if vocab_size is None:
         vocab_size = len(field("tokenizer.ggml.tokens", [])) or int(tensors["token_embd.weight"].shape[1])
     multiple_of, ffn_dim_multiplier = solve_ffn(dim, int(field("llama.feed_forward_length")))
-    return ordered_params(
+    params = ordered_params(
         {
             "dim": dim,
             "n_layers": int(field("llama.block_count")),
@@ -160,6 +163,8 @@ def _params(path: Path, field, tensors: Dict[str, Any]) -> Dict[str, Any]:
             "use_scaled_rope": _uses_llama31_scaling(path, tensors.get(ROPE_FREQS), head_dim, theta),
         }
     )
+    check_params(params, f"{path} (llama.* metadata as params.json)")
+    return params
 
 
 def llama31_rope_divisors(head_dim: int, theta: float) -> torch.Tensor:

@@ -7,11 +7,12 @@ exactly that permutation (with n_kv_heads heads for k); every other weight is on
 """
 
 import json
+import math
 import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -137,8 +138,9 @@ def params_from_config(config: Dict[str, Any], path: Path) -> Dict[str, Any]:
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in config]
     if missing:
         raise CheckpointError(f"{path} lacks {missing}; a Llama config.json has them")
-    dim, n_heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-    n_kv_heads = int(config.get("num_key_value_heads") or n_heads)
+    check_config_values(config, path)
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    n_kv_heads = config.get("num_key_value_heads") or n_heads
     if dim % n_heads or (dim // n_heads) % 2:
         raise refuse("num_attention_heads", n_heads, f"hidden_size {dim} must split into heads of an even size")
     if n_heads % n_kv_heads:
@@ -147,14 +149,14 @@ def params_from_config(config: Dict[str, Any], path: Path) -> Dict[str, Any]:
         raise refuse("head_dim", config["head_dim"], f"Meta's Llama uses hidden_size / num_attention_heads = {dim // n_heads}")
 
     theta, use_scaled_rope = _rope_settings(config, path)
-    multiple_of, ffn_dim_multiplier = solve_ffn(dim, int(config["intermediate_size"]))
+    multiple_of, ffn_dim_multiplier = solve_ffn(dim, config["intermediate_size"])
     return ordered_params(
         {
             "dim": dim,
-            "n_layers": int(config["num_hidden_layers"]),
+            "n_layers": config["num_hidden_layers"],
             "n_heads": n_heads,
             "n_kv_heads": n_kv_heads,
-            "vocab_size": int(config["vocab_size"]),
+            "vocab_size": config["vocab_size"],
             "multiple_of": multiple_of,
             "ffn_dim_multiplier": ffn_dim_multiplier,
             "norm_eps": float(config.get("rms_norm_eps", 1e-6)),
@@ -162,6 +164,43 @@ def params_from_config(config: Dict[str, Any], path: Path) -> Dict[str, Any]:
             "use_scaled_rope": use_scaled_rope,
         }
     )
+
+
+def _positive_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+# config.json field -> (check, what it must be); the fields params_from_config reads.
+_CONFIG_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "hidden_size": (_positive_integer, "a positive integer"),
+    "intermediate_size": (_positive_integer, "a positive integer"),
+    "num_hidden_layers": (_positive_integer, "a positive integer"),
+    "num_attention_heads": (_positive_integer, "a positive integer"),
+    "num_key_value_heads": (lambda v: v is None or _positive_integer(v), "a positive integer, or null"),
+    "head_dim": (lambda v: v is None or _positive_integer(v), "a positive integer, or null"),
+    "vocab_size": (_positive_integer, "a positive integer"),
+    "rms_norm_eps": (_positive_number, "a positive number"),
+    "rope_theta": (_positive_number, "a positive number"),
+    "rope_scaling": (lambda v: v is None or isinstance(v, dict), "an object, or null"),
+    "rope_parameters": (lambda v: v is None or isinstance(v, dict), "an object, or null"),
+    "tie_word_embeddings": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def check_config_values(config: Dict[str, Any], path: Path) -> None:
+    """The one check of a config.json's values: each field read has its type and range (a
+    string "4096" is refused, not converted). Raises CheckpointError naming path, field and value."""
+    for field, (check, expected) in _CONFIG_RULES.items():
+        if field in config and not check(config[field]):
+            raise CheckpointError(f"{path}: {field} = {config[field]!r}: must be {expected}; correct it, or download config.json again")
+    for field in ("rope_scaling", "rope_parameters"):
+        theta = (config.get(field) or {}).get("rope_theta")
+        if theta is not None and not _positive_number(theta):
+            raise CheckpointError(f"{path}: {field} rope_theta = {theta!r}: must be a positive number")
 
 
 def _rope_settings(config: Dict[str, Any], path: Path) -> Tuple[float, bool]:
@@ -177,7 +216,7 @@ def _rope_settings(config: Dict[str, Any], path: Path) -> Tuple[float, bool]:
             f"{path}: {field} rope_type = {kind!r}: only the default RoPE and Llama 3.1's 'llama3' scaling are implemented"
         )
     seen = {k: scaling.get(k) for k in LLAMA3_ROPE_SCALING}
-    if any(seen[k] is None or float(seen[k]) != v for k, v in LLAMA3_ROPE_SCALING.items()):
+    if any(not _positive_number(seen[k]) or float(seen[k]) != v for k, v in LLAMA3_ROPE_SCALING.items()):
         raise CheckpointError(
             f"{path}: {field} {seen} differs from the llama3 scaling this model implements {LLAMA3_ROPE_SCALING}; "
             "these weights would give different results here"
@@ -249,8 +288,11 @@ class HFWeights:
                     weight_map = json.loads(index.read_text())["weight_map"]
                 except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                     raise CheckpointError(f"{index} is not an index file with a weight_map ({e}); download it again") from e
+                if not isinstance(weight_map, dict):
+                    raise CheckpointError(f"{index}: weight_map should map tensor names to files, got {weight_map!r:.80}; download it again")
                 by_file: Dict[str, List[str]] = {}
                 for name, file in weight_map.items():
+                    _check_index_entry(index, name, file)
                     by_file.setdefault(file, []).append(name)
                 missing = [f for f in by_file if not (self.folder / f).is_file()]
                 if missing:
@@ -271,6 +313,19 @@ class HFWeights:
         if path in self._safetensors:
             return self._safetensors[path].get(name)
         return self._bins[path][name]
+
+
+def _check_index_entry(index: Path, name: str, file: Any) -> None:
+    """An index places tensors in files of its own folder: a path that leaves it (`../x`, `/x`) is refused.
+
+    Checked on the name, not the resolved path: the Hugging Face cache links a snapshot's files
+    to blobs outside the folder, and that is fine.
+    """
+    if not isinstance(file, str) or not file or Path(file).is_absolute() or ".." in Path(file).parts:
+        raise CheckpointError(
+            f"{index} places {name!r} in {file!r}, which is not a file inside {index.parent}; "
+            "an index names the model folder's own weight files: download it again"
+        )
 
 
 def _load_bin(path: Path) -> Dict[str, torch.Tensor]:
@@ -316,7 +371,7 @@ def read_hf_as_meta(folder: Path) -> Tuple[Dict[str, Any], MetaTensors]:
     if config.get("tie_word_embeddings", False):
         names.pop("output.weight", None)  # a saved lm_head is the embedding itself
     specs = {key: weights.spec(name) for key, name in names.items()}
-    check_shapes(params, specs, str(folder), lambda key: names.get(key) or hf_name(key))
+    check_shapes(params, specs, str(folder), lambda key: names.get(key) or hf_name(key), "config.json num_hidden_layers")
 
     def load(key: str) -> torch.Tensor:
         tensor = weights.get(names[key])

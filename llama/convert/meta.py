@@ -26,6 +26,7 @@ from llama.checkpoint import (
     read_params,
     resharded_state_dict,
     shard_dim,
+    unexpected_weights_error,
 )
 
 from llama.source import TOKENIZER_FILES
@@ -161,10 +162,16 @@ def expected_shapes(params: Dict[str, Any], tied: bool) -> Dict[str, Tuple[int, 
     return shapes
 
 
-def check_shapes(params: Dict[str, Any], specs: Dict[str, TensorSpec], source: str, names: Callable[[str], str]) -> None:
-    """Every tensor Meta's model needs is there with the shape params implies; names(key) is the source's name."""
+def check_shapes(
+    params: Dict[str, Any], specs: Dict[str, TensorSpec], source: str, names: Callable[[str], str], layers_field: str = "n_layers"
+) -> None:
+    """Every tensor Meta's model needs is there with the shape params implies, and no other;
+    names(key) is the source's name, layers_field the source's name for n_layers."""
     tied = "output.weight" not in specs
     expected = expected_shapes(params, tied)
+    extra = [k for k in specs if k not in expected]
+    if extra:
+        raise unexpected_weights_error(source, extra, params["n_layers"], layers_field, names)
     missing = [names(k) for k in expected if k not in specs]
     if missing:
         raise CheckpointError(
@@ -213,7 +220,7 @@ def read_meta_folder(src: Path) -> Tuple[Dict[str, Any], MetaTensors, bool]:
     full["vocab_size"] = specs["tok_embeddings.weight"][1][0]
     full.setdefault("rope_theta", defaults.get("rope_theta", 500000.0))
     full.setdefault("multiple_of", ModelArgs.multiple_of)
-    check_shapes(full, specs, str(src), str)
+    check_shapes(full, specs, str(src), str, f"{src / 'params.json'} n_layers")
     return ordered_params(full), MetaTensors(specs, merged, str(src)), vocab_parallel
 
 

@@ -74,10 +74,23 @@ class SafetensorsFile:
         self.metadata: Dict[str, str] = header.pop("__metadata__", None) or {}
         self._data_start = 8 + header_len
         data_size = size - self._data_start
+        ends: Dict[str, int] = {}
         for name, entry in header.items():
-            self._specs[name], self._offsets[name] = self._parse_entry(name, entry, data_size)
+            self._specs[name], self._offsets[name], ends[name] = self._parse_entry(name, entry, data_size)
+        self._check_disjoint(ends)
 
-    def _parse_entry(self, name: str, entry: object, data_size: int) -> Tuple[TensorSpec, int]:
+    def _check_disjoint(self, ends: Dict[str, int]) -> None:
+        """No two tensors share bytes: a crafted header could make one weight silently be another."""
+        spans = sorted((self._offsets[name], end, name) for name, end in ends.items() if end > self._offsets[name])
+        for (begin_a, end_a, a), (begin_b, end_b, b) in zip(spans, spans[1:]):
+            if begin_b < end_a:
+                raise SafetensorsError(
+                    f"{self.path}: tensors {a!r} (data_offsets [{begin_a}, {end_a}]) and {b!r} ([{begin_b}, {end_b}]) "
+                    "overlap; each tensor has bytes of its own in a safetensors file: it is damaged, download it again"
+                )
+
+    def _parse_entry(self, name: str, entry: object, data_size: int) -> Tuple[TensorSpec, int, int]:
+        """(dtype, shape), begin and end offsets of one header entry, checked against the data size."""
         try:
             dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]  # type: ignore[index]
             shape = tuple(int(d) for d in shape)
@@ -98,7 +111,7 @@ class SafetensorsFile:
                 f"{self.path}: tensor {name!r} ({dtype_name}, shape {list(shape)}, {nbytes} bytes) has data_offsets "
                 f"[{begin}, {end}] outside the {data_size} data bytes; the file is damaged or truncated: download it again"
             )
-        return (dtype, shape), begin
+        return (dtype, shape), begin, end
 
     def keys(self) -> List[str]:
         return list(self._specs)
