@@ -9,7 +9,9 @@ from typing import List, Optional
 import fire
 
 from llama import Dialog, Llama
+from llama.cli_errors import reported_errors
 from llama.demo import checkpoint_or_demo
+from llama.generation import check_sampling_args
 from llama.stream import print_in_order
 
 
@@ -36,9 +38,11 @@ def main(
     `weight_format` (bf16, int8) stores the weights compactly: faster decoding, close but not exact.
     `compile` compiles the decode step with torch.compile: slower start, faster tokens.
     Without --ckpt_dir, a small demo chat model is used (see llama/demo.py); without
-    --tokenizer_path, the checkpoint's own tokenizer file.
+    --tokenizer_path, the checkpoint's own tokenizer file. Errors are one line; LLAMA_DEBUG=1
+    shows their traceback.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_sampling_args(temperature, top_p, max_gen_len)
     generator = Llama.build(
         ckpt_dir=checkpoint_or_demo(ckpt_dir),
         tokenizer_path=tokenizer_path,
@@ -106,4 +110,5 @@ If a question does not make any sense, or is not factually coherent, explain why
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    with reported_errors():
+        fire.Fire(main)

@@ -19,6 +19,7 @@ from llama.distributed import (
     requested_world_size,
     select_device,
     select_dtype,
+    wait_for_every_rank_to_load,
 )
 from llama.linear import check_weight_format
 from llama.model import Transformer
@@ -49,6 +50,24 @@ class ChatPrediction(TypedDict, total=False):
     generation: Message
     tokens: List[str]  # not required
     logprobs: List[float]  # not required
+
+
+def check_sampling_args(temperature: float, top_p: float, max_gen_len: Optional[int]) -> None:
+    """Raise TypeError or ValueError, naming the argument, unless temperature >= 0 (0: greedy),
+    0 < top_p <= 1 and max_gen_len is None or a whole number >= 0. Cheap: for checking command
+    lines before a model is loaded."""
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+    if not temperature >= 0:  # NaN too
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_gen_len is not None:
+        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int):
+            raise TypeError(f"max_gen_len must be a whole number of tokens or None, got {max_gen_len!r}")
+        if max_gen_len < 0:
+            raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
 
 
 class Llama:
@@ -123,6 +142,7 @@ class Llama:
         if compile:
             model.compile_decode()
             logger.info("The decode step is compiled with torch.compile at the first generation: expect a pause (up to a minute on a small CPU).")
+        wait_for_every_rank_to_load()  # a slow load must not count against the first step's timeout
         logger.info(
             "Loaded %s in %.2f seconds (%s, %s%s)", ckpt_dir, time.time() - start_time, device, dtype,
             f", {weight_format} weights" if weight_format else "",
