@@ -295,7 +295,8 @@ run_fetcher() {
         [ "$3" = 1 ] && resume="--continue-at -"
         if [ "$progress" = 1 ]; then progress="--progress-bar"; else progress="--silent"; fi
         # shellcheck disable=SC2086 # $resume is zero or two words
-        HTTP_STATUS=$(curl $resume --fail --location --connect-timeout 60 --speed-limit 1 --speed-time 120 \
+        # --globoff: [] and {} in a signed URL are characters, not curl's URL ranges. (wget has no such syntax.)
+        HTTP_STATUS=$(curl $resume --globoff --fail --location --connect-timeout 60 --speed-limit 1 --speed-time 120 \
             "$progress" --output "$2" --write-out '%{http_code}' "$1") || status=$?
         case $status in 0 | 22) ;; *) HTTP_STATUS="" ;; esac
     fi
@@ -376,6 +377,7 @@ checklist_names() {
             { sub(/\r$/, "") }
             NF == 0 { next }
             NF != 2 || length($1) != 32 || $1 !~ /^[0-9a-fA-F]+$/ || $2 !~ /^[*]?[A-Za-z0-9._-]+$/ { bad = 1; exit }
+            $2 ~ /^[*]?[.][.]?$/ { bad = 1; exit } # the folder itself or its parent
             { n++ }
             END { exit (bad || n == 0) }' "$chk"; then
         rm -f "$chk"

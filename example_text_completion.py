@@ -9,7 +9,9 @@ from typing import List, Optional
 import fire
 
 from llama import Llama
+from llama.cli_errors import reported_errors
 from llama.demo import checkpoint_or_demo, demo_settings
+from llama.sampling_args import check_sampling_args
 from llama.stream import print_in_order
 
 
@@ -38,9 +40,11 @@ def main(
     `stream` prints answers as they are generated (the default for the demo model).
     `threads` sets the CPU threads (default: the CPUs this process may use; or LLAMA_NUM_THREADS).
     Without --ckpt_dir, a small demo chat model is used (see llama/demo.py); without
-    --tokenizer_path, the checkpoint's own tokenizer file.
+    --tokenizer_path, the checkpoint's own tokenizer file. Errors are one line; LLAMA_DEBUG=1
+    shows their traceback.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_sampling_args(temperature, top_p, max_gen_len)
     if ckpt_dir is None:
         max_gen_len, stream = demo_settings(max_gen_len, stream)
     generator = Llama.build(
@@ -87,4 +91,5 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    with reported_errors():
+        fire.Fire(main)

@@ -9,6 +9,7 @@ leave. Under torchrun Ctrl-C reaches only torchrun, which ends every process: th
 each step together and cannot agree on where to stop an answer.
 """
 
+import io
 import logging
 import os
 import sys
@@ -18,7 +19,9 @@ import fire
 import torch.distributed as dist
 
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message
+from llama.cli_errors import reported_errors
 from llama.demo import checkpoint_or_demo
+from llama.distributed import input_group
 from llama.generation import Llama
 from llama.sampling_args import check_sampling_args
 
@@ -34,7 +37,7 @@ Ctrl-C stops an answer while it is written; the part shown stays in the conversa
 
 
 def check_settings(max_seq_len: int, max_gen_len: Optional[int], temperature: float, top_p: float) -> None:
-    """Raise TypeError / ValueError, naming the flag, for settings that would otherwise fail only at the first answer."""
+    """Raise ValueError or TypeError, naming the flag, for settings that would otherwise fail only at the first answer."""
     check_sampling_args(temperature, top_p, max_gen_len)
     if max_gen_len is not None and not 0 < max_gen_len < max_seq_len:
         raise ValueError(
@@ -92,6 +95,10 @@ class ChatSession:
         while True:
             line = self._read_line()
             if line is None or not self.handle(line):
+                # The prompt has no line end of its own: a terminal echoed the user's Enter after
+                # /quit, but not Ctrl-D, and a pipe echoes nothing.
+                if line is None or not self.stdin.isatty():
+                    self._write("\n")
                 return
 
     def handle(self, line: str) -> bool:
@@ -198,7 +205,7 @@ class ChatSession:
         line = self._prompt() if self.reads_input else None
         if self.distributed:
             box = [line]
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=0, group=input_group())  # the user may take their time
             line = box[0]
         return line
 
@@ -265,11 +272,22 @@ def main(
     # fire turns a prompt such as "42" into a number.
     system_prompt = None if system_prompt is None else str(system_prompt)
     stdout = sys.stdout if dist.get_rank() == 0 else open(os.devnull, "w")
-    ChatSession(generator, system_prompt, temperature, top_p, max_gen_len, stdout=stdout).run()
+    ChatSession(generator, system_prompt, temperature, top_p, max_gen_len, stdin=standard_input(), stdout=stdout).run()
+
+
+def standard_input() -> TextIO:
+    """sys.stdin, with bytes that are not text in its encoding read as U+FFFD instead of failing;
+    an empty input (the end at once) when the process was started without one (`<&-`)."""
+    if sys.stdin is None:
+        return io.StringIO()
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="replace")
+    return sys.stdin
 
 
 def cli() -> None:
-    fire.Fire(main)
+    with reported_errors():
+        fire.Fire(main)
 
 
 if __name__ == "__main__":

@@ -124,15 +124,21 @@ def valid_model_parallel_sizes(n_heads: int, n_kv_heads: int, split_size: int, l
 
 
 def check_model_parallel_size(
-    n_heads: int, n_kv_heads: int, split_size: int, model_parallel_size: int, ckpt_dir: str
+    n_heads: int,
+    n_kv_heads: int,
+    split_size: int,
+    model_parallel_size: int,
+    ckpt_dir: str,
+    remedy: str = "torchrun --nproc_per_node {n} ...",
 ) -> None:
-    """Any process count works if it keeps whole heads and equal embedding slices together; else say which do."""
+    """Any process count works if it keeps whole heads and equal embedding slices together; else say
+    which do. `remedy` is how the caller's user asks for a count n (a torchrun line, a flag)."""
     valid = valid_model_parallel_sizes(n_heads, n_kv_heads, split_size)
     if model_parallel_size not in valid:
         raise CheckpointError(
             f"{ckpt_dir}: {n_heads} attention heads ({n_kv_heads} key/value heads, embedding side {split_size}) "
             f"cannot be split over {model_parallel_size} processes; valid numbers of processes: "
-            f"{', '.join(map(str, valid))} (e.g. `torchrun --nproc_per_node {valid[-1]} ...`)"
+            f"{', '.join(map(str, valid))} (e.g. `{remedy.format(n=valid[-1])}`)"
         )
 
 

@@ -20,6 +20,7 @@ from llama.distributed import (
     requested_world_size,
     select_device,
     select_dtype,
+    wait_for_every_rank_to_load,
 )
 from llama.linear import check_weight_format
 from llama.model import Transformer
@@ -138,6 +139,7 @@ class Llama:
         if compile:
             model.compile_decode()
             logger.info("The decode step is compiled with torch.compile at the first generation: expect a pause (up to a minute on a small CPU).")
+        wait_for_every_rank_to_load()  # a slow load must not count against the first step's timeout
         logger.info(
             "Loaded %s in %.2f seconds (%s, %s%s)", ckpt_dir, time.time() - start_time, device, dtype,
             f", {weight_format} weights" if weight_format else "",

@@ -27,6 +27,7 @@ from llama.checkpoint import (
     read_params,
     resharded_state_dict,
 )
+from llama.cli_errors import reported_errors
 from llama.output_folder import staged_output, write_checklist
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,10 @@ def reshard(ckpt_dir: str, output_dir: str, model_parallel_size: int, overwrite:
         vocab_parallel = params.get("vocab_size", -1) > 0
     args = ModelArgs.from_params(params, vocab_size=max(params.get("vocab_size", -1), 1))
     split_size = embedding.shape[0] * len(paths) if vocab_parallel else embedding.shape[1] * len(paths)
-    check_model_parallel_size(args.n_heads, args.n_kv_heads or args.n_heads, split_size, model_parallel_size, ckpt_dir)
+    check_model_parallel_size(
+        args.n_heads, args.n_kv_heads or args.n_heads, split_size, model_parallel_size, ckpt_dir,
+        remedy="llama-reshard ... --model_parallel_size {n}",
+    )
 
     with staged_output(output_dir, sources=[ckpt_dir], overwrite=overwrite, overwrite_flag="--overwrite True") as out:
         for path in model_files(Path(ckpt_dir)):
@@ -85,11 +89,21 @@ def reshard(ckpt_dir: str, output_dir: str, model_parallel_size: int, overwrite:
 
 
 def main(ckpt_dir: str, output_dir: str, model_parallel_size: int, overwrite: bool = False) -> None:
+    """Write a copy of a Meta checkpoint folder cut into model_parallel_size shards.
+
+    Args:
+        ckpt_dir: the Meta folder to read (params.json + consolidated.NN.pth, as download.sh makes it).
+        output_dir: the folder to create; it must not exist unless --overwrite True.
+        model_parallel_size: the number of shards to write: the number of processes
+            (torchrun --nproc_per_node) that will load the copy. It must divide the attention heads.
+        overwrite: replace output_dir if it exists.
+    """
     reshard(ckpt_dir, output_dir, model_parallel_size, overwrite)
 
 
 def cli() -> None:
-    fire.Fire(main)
+    with reported_errors():
+        fire.Fire(main)
 
 
 if __name__ == "__main__":

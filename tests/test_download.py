@@ -461,3 +461,26 @@ def test_missing_wget_and_curl_is_explained(tmp_path, llama2):
 
     assert result.returncode != 0
     assert "neither wget nor curl" in result.stderr
+
+
+@pytest.mark.parametrize("name", [".", "..", "*.."])
+def test_checklist_naming_the_folder_or_its_parent_is_refused(tmp_path, llama2, name):
+    checklist = tmp_path / "remote" / "llama-2-7b" / "checklist.chk"
+    checklist.write_text(checklist.read_text() + f"{'0' * 32}  {name}\n")
+    result = run_download(tmp_path, llama2.url, env_for(llama2.url, 2, "7B", tmp_path / "weights"))
+
+    assert result.returncode != 0
+    assert "llama-2-7b/checklist.chk is not a list of md5 checksums" in result.stderr
+    assert llama2.requested("llama-2-7b/consolidated.00.pth") == []
+
+
+@pytest.mark.parametrize("fetcher", FETCHERS)
+def test_brackets_and_braces_in_the_url_are_sent_as_they_are(tmp_path, llama2, fetcher):
+    # curl reads [1-3] and {a,b} as URL ranges unless told not to: one file would be six requests.
+    tools = make_tools(tmp_path / "bin", fetcher=fetcher)
+    url = llama2.url.replace("Policy=xyz", "Policy=a[1-3]b{c,d}")
+    result = run_download(tmp_path, url, env_for(url, 2, "7B", tmp_path / "weights", DOWNLOAD_TRIES="1"), tools=tools)
+
+    assert result.returncode == 0, result.stderr
+    assert llama2.requested("llama-2-7b/consolidated.00.pth") == [None]
+    assert_loads_as_checkpoint(tmp_path / "weights" / "llama-2-7b", 1)

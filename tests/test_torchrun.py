@@ -1,7 +1,9 @@
 """Real multi-process runs: the example scripts under torchrun (gloo) and as plain python."""
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,11 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 240  # a hung process group fails the test instead of the whole run
 
 
-def run(args, nproc=None, check=True) -> subprocess.CompletedProcess:
+def run(args, nproc=None, check=True, env=None, timeout=TIMEOUT) -> subprocess.CompletedProcess:
     launcher = [sys.executable] if nproc is None else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
     ]
-    result = subprocess.run(launcher + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    env = None if env is None else {**os.environ, **env}
+    result = subprocess.run(launcher + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-3000:]}")
     return result
@@ -116,3 +119,17 @@ def test_compiled_decoding_on_two_processes_equals_eager(sharded, llama3_tokeniz
     common = ["example_text_completion.py", "--tokenizer_path", llama3_tokenizer_path, "--max_gen_len", 12,
               "--temperature", 0, "--ckpt_dir", sharded("llama3")[2]]
     assert run(common + ["--compile"], nproc=2).stdout == run(common, nproc=2).stdout
+
+
+def test_a_frozen_rank_ends_the_job_with_a_message_naming_it(sharded, llama3_tokenizer_path):
+    # Rank 1 stops itself after loading. Rank 0 gives up on it after LLAMA_DIST_TIMEOUT; torchrun
+    # then sends the stopped rank SIGTERM, which waits for a SIGCONT that never comes, and kills it
+    # 30 s later: about 10 + 30 s after the freeze, plus start and load.
+    path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    start = time.monotonic()
+    result = run(["tests/frozen_rank.py", sharded("llama3")[2], llama3_tokenizer_path], nproc=2, check=False,
+                 env={"FREEZE_RANK": "1", "LLAMA_DIST_TIMEOUT": "10", "PYTHONPATH": path}, timeout=150)
+    assert result.returncode != 0
+    assert "error: rank 1 did not answer within 10 s" in result.stderr, result.stderr[-3000:]
+    assert "[rank0]: Traceback" not in result.stderr
+    assert time.monotonic() - start < 120

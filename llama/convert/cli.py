@@ -2,7 +2,7 @@
 
     llama-convert Llama-3.1-8B-Instruct/ llama-3.1-8b-instruct/                  # HF -> Meta, 1 shard
     llama-convert Llama-2-70b-hf/ llama-2-70b/ --model_parallel_size 8           # HF -> Meta, 8 shards
-    llama-convert SmolLM2-135M-Instruct.Q4_1.gguf smollm2/ --dtype bf16          # GGUF -> Meta
+    llama-convert "$(python -m llama.demo)" smollm2/ --dtype bf16              # GGUF -> Meta (the demo's file)
     llama-convert llama-2-7b/ llama-2-7b-hf/                                     # Meta -> HF (--to hf)
 
 The direction follows the source: Meta folders become Hugging Face folders, anything else a Meta
@@ -13,6 +13,7 @@ from typing import Optional
 
 import fire
 
+from llama.cli_errors import reported_errors
 from llama.convert import convert_meta_to_hf, convert_to_meta, detect_format
 
 
@@ -51,7 +52,8 @@ def main(
 
 
 def cli() -> None:
-    fire.Fire(main)
+    with reported_errors():
+        fire.Fire(main)
 
 
 if __name__ == "__main__":
