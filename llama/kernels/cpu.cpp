@@ -124,7 +124,6 @@ struct F32 {
     const float* w;
     int64_t k;
     int64_t group() const { return k; }
-    int64_t row_bytes() const { return k * 4; }
     float row_scale(int64_t) const { return 1.0f; }
     template <class S> struct Params {};
     template <class S> Params<S> params(int64_t, int64_t) const { return {}; }
@@ -140,7 +139,6 @@ struct Q8Row {
     const float* scale;
     int64_t k;
     int64_t group() const { return k; }
-    int64_t row_bytes() const { return k + 4; }
     float row_scale(int64_t row) const { return scale[row]; }
     template <class S> struct Params {};
     template <class S> Params<S> params(int64_t, int64_t) const { return {}; }
@@ -155,7 +153,6 @@ struct Q8Group {
     const float* scale;
     int64_t k, groups;
     int64_t group() const { return k / groups; }
-    int64_t row_bytes() const { return k + groups * 4; }
     float row_scale(int64_t) const { return 1.0f; }
     template <class S> struct Params { typename S::V s; };
     template <class S> Params<S> params(int64_t row, int64_t g) const { return {S::set1(scale[row * groups + g])}; }
@@ -172,7 +169,6 @@ struct Q4 {
     const uint16_t* m;
     int64_t k, groups;
     int64_t group() const { return k / groups; }
-    int64_t row_bytes() const { return k / 2 + groups * 4; }
     float row_scale(int64_t) const { return 1.0f; }
     template <class S> struct Params { typename S::V d, m; };
     template <class S> Params<S> params(int64_t row, int64_t g) const {
@@ -388,10 +384,12 @@ Pool& pool() {
     return *p;
 }
 
-// Below this many weight bytes a product runs on the caller's thread: waking workers costs more.
-constexpr int64_t kMinParallelBytes = 256 << 10;
-// Chunks of about this many weight bytes: small enough that a descheduled worker holds up little.
-constexpr int64_t kChunkBytes = 64 << 10;
+// Below this many weights a product runs on the caller's thread alone. Measured on a 2-core EPYC
+// (Zen, AVX2) shared with other processes: 2 threads were slower than 1 up to 1536x576, faster
+// from 2048x2048 when another process kept a core busy.
+constexpr int64_t kMinParallelWeights = 1 << 20;
+// Chunks of about this many weights: small enough that a descheduled worker holds up little.
+constexpr int64_t kChunkWeights = 16 << 10;
 
 template <class Fmt>
 struct Job {
@@ -407,14 +405,13 @@ struct Job {
 
 template <class Fmt>
 void product(const Fmt& f, const Product& p) {
-    const int64_t bytes = f.row_bytes() * p.n;
     const int threads = pool().threads();
-    if (threads == 1 || bytes < kMinParallelBytes) {
+    if (threads == 1 || p.n * p.k < kMinParallelWeights) {
         rows<Simd>(f, p, 0, p.n);
         return;
     }
     // Multiples of 12 rows (tiles of 3 or 4); at least 4 chunks per thread where n allows.
-    int64_t chunk_rows = std::max<int64_t>(1, kChunkBytes / f.row_bytes());
+    int64_t chunk_rows = std::max<int64_t>(1, kChunkWeights / p.k);
     chunk_rows = std::min<int64_t>(chunk_rows, p.n / (4 * threads));
     chunk_rows = std::max<int64_t>(12, (chunk_rows + 11) / 12 * 12);
     const Job<Fmt> job{f, p, chunk_rows};
