@@ -47,8 +47,8 @@ def median_seconds(fn: Callable[[], object], budget: float = 0.3, most: int = 20
     return statistics.median(times)
 
 
-def cell(seconds: Optional[float], nbytes: int) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:7.3f} ms {nbytes / seconds / 1e9:5.1f} GB/s"
+def cell(seconds: float, nbytes: int) -> str:
+    return f"{seconds * 1e3:8.3f} ms {nbytes / seconds / 1e9:5.1f} GB/s"
 
 
 def rows_f32(n: int, k: int, m: int) -> List[Tuple[str, Optional[float], int]]:
@@ -90,8 +90,8 @@ def main() -> None:
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
     try:
         log.info("CPU: %s", cpu_description())
-        log.info("torch %s, %d threads, kernels: %s%s", torch.__version__, args.threads, kernels.isa(),
-                 ", one busy process beside" if busy else "")
+        log.info("torch %s, %d threads, kernels: %s%s; load average before: %.1f", torch.__version__, args.threads,
+                 kernels.isa(), ", one busy process beside" if busy else "", os.getloadavg()[0])
         log.info("%-12s %3s  %-26s %s", "shape (n,k)", "m", "product", "time, weight bytes / time")
         for n, k in SHAPES:
             for m in (1, 4) if args.quick else ROWS:

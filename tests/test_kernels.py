@@ -112,7 +112,7 @@ def test_products_keep_leading_dimensions(native):
 
 
 def test_results_do_not_depend_on_the_number_of_threads(native):
-    x, w = torch.randn(4, 576), torch.randn(2048, 576)  # enough weights to be split between threads
+    x, w = torch.randn(4, 576), torch.randn(1536, 576)  # enough weights to be split between threads
     default = kernels.num_threads()
     try:
         kernels.set_num_threads(1)

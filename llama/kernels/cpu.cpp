@@ -3,7 +3,7 @@
 //
 // Such products are bound by reading the weight, so each weight row is read from memory once for
 // all activation rows, dequantized in registers exactly as the reference dequantizes it, and
-// multiplied in fp32. Plain C ABI (no torch headers) so that it builds in a second or two; the
+// multiplied in fp32. Plain C ABI and no torch headers, so that it builds in seconds; the
 // instruction set is chosen at build time (-march=native): AVX-512, AVX2+FMA, or portable C++.
 
 #include <algorithm>
@@ -268,10 +268,10 @@ class Pool {
   public:
     void set_threads(int n) {
         std::lock_guard<std::mutex> lk(run_mu_);
-        threads_ = n < 1 ? 1 : n;
+        threads_.store(n < 1 ? 1 : n);
         stop_workers();
     }
-    int threads() const { return threads_; }
+    int threads() const { return threads_.load(); }
 
     // fn(ctx, c) for c in [0, chunks); returns when all are done. A product started while another
     // runs (from a second Python thread) runs on its caller's thread alone.
@@ -281,7 +281,7 @@ class Pool {
             for (int64_t c = 0; c < chunks; ++c) fn(ctx, c);
             return;
         }
-        if (workers_.size() != static_cast<size_t>(threads_ - 1)) start_workers();
+        if (workers_.size() != static_cast<size_t>(threads_.load() - 1)) start_workers();
         fn_ = fn;
         ctx_ = ctx;
         done_.store(0, std::memory_order_relaxed);
@@ -351,7 +351,7 @@ class Pool {
     void start_workers() {
         stop_workers();
         stop_.store(false);
-        for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { worker(); });
+        for (int i = 1; i < threads_.load(); ++i) workers_.emplace_back([this] { worker(); });
     }
 
     void stop_workers() {
@@ -368,7 +368,7 @@ class Pool {
     std::atomic<int64_t> done_{0};
     ChunkFn fn_ = nullptr;
     const void* ctx_ = nullptr;
-    int threads_ = 1;
+    std::atomic<int> threads_{1};  // read by products outside run_mu_
     std::mutex run_mu_, sleep_mu_;
     std::condition_variable wake_;
     std::atomic<int> sleepers_{0};
@@ -384,10 +384,11 @@ Pool& pool() {
     return *p;
 }
 
-// Below this many weights a product runs on the caller's thread alone. Measured on a 2-core EPYC
-// (Zen, AVX2) shared with other processes: 2 threads were slower than 1 up to 1536x576, faster
-// from 2048x2048 when another process kept a core busy.
-constexpr int64_t kMinParallelWeights = 1 << 20;
+// Below this many weights a product runs on the caller's thread alone: waking a worker costs about
+// what it saves. Measured on a 2-core EPYC (Zen, AVX2) shared with other processes, timing 1 and 2
+// threads call by call in turn: fp32 576x576 ties (0.033 vs 0.034 ms at m=1), 2 threads win by
+// 5-20% from 576x1536 up, with or without a busy process beside.
+constexpr int64_t kMinParallelWeights = 1 << 18;
 // Chunks of about this many weights: small enough that a descheduled worker holds up little.
 constexpr int64_t kChunkWeights = 16 << 10;
 
