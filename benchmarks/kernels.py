@@ -30,8 +30,9 @@ ROWS = (1, 2, 4, 16)
 
 def cpu_description() -> str:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    fields = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in info.splitlines() if ":" in line)}
+    model = fields.get("model name", platform.processor())
+    flags = fields.get("flags", "").split()
     simd = [f for f in flags if f.startswith(("avx", "fma", "f16c", "amx"))]
     return f"{model}; {' '.join(sorted(simd))}"
 

@@ -46,10 +46,12 @@ def _close(y: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5) -> None:
 def _gguf_blocks(qtype: GGMLQuantizationType, n: int, k: int, seed: int = 0) -> np.ndarray:
     """Random but well-formed GGUF blocks (n, row_bytes): finite fp16 scales, random quants."""
     rng = np.random.default_rng(seed)
-    block, size = 32, {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20, GGMLQuantizationType.Q8_0: 34}[qtype]
-    data = rng.integers(0, 256, size=(n, k // block, size), dtype=np.uint8)
-    halves = 2 if qtype == GGMLQuantizationType.Q4_1 else 1
-    data[:, :, : 2 * halves] = rng.normal(0, 0.05, size=(n, k // block, halves)).astype(np.float16).view(np.uint8).reshape(n, k // block, -1)
+    blocks = k // 32
+    size = {GGMLQuantizationType.Q4_0: 18, GGMLQuantizationType.Q4_1: 20, GGMLQuantizationType.Q8_0: 34}[qtype]
+    data = rng.integers(0, 256, size=(n, blocks, size), dtype=np.uint8)
+    halves = 2 if qtype == GGMLQuantizationType.Q4_1 else 1  # d, and m for Q4_1
+    scales = rng.normal(0, 0.05, size=(n, blocks, halves)).astype(np.float16)
+    data[:, :, : 2 * halves] = scales.view(np.uint8).reshape(n, blocks, -1)
     return data.reshape(n, -1)
 
 

@@ -12,7 +12,6 @@ every product runs its torch reference instead: the same results up to float rou
 
 import ctypes
 import functools
-import logging
 import os
 from typing import Callable, Optional, Tuple
 
@@ -36,8 +35,6 @@ __all__ = [
     "linear_q8", "num_threads", "q4_from_gguf", "q8_from_gguf", "quantize_q4", "quantize_q8",
     "reference_linear_f32", "reference_linear_q4", "reference_linear_q8", "set_num_threads",
 ]
-
-log = logging.getLogger(__name__)
 
 _threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
