@@ -120,10 +120,10 @@ def native_library() -> Optional[ctypes.CDLL]:
         return load(build(compiler))
     except (BuildError, OSError) as e:
         log.debug("%s", e)
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        last_line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         log.warning(
             "llama.kernels: building %s with %s failed (%s): small-batch CPU products fall back to "
             "torch and run slower; install a working C++17 compiler (e.g. apt-get install g++) or set $CXX",
-            SOURCE.name, compiler, first,
+            SOURCE.name, compiler, last_line,
         )
         return None
