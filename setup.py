@@ -12,6 +12,8 @@ setup(
     version="0.1.0",
     description="Llama 2 and Llama 3 inference with Meta's API, on CUDA or the CPU",
     packages=find_packages(include=["llama", "llama.*"]),
+    # llama.kernels compiles its C++ source at first use.
+    package_data={"llama.kernels": ["cpu.cpp"]},
     python_requires=">=3.9",
     install_requires=get_requirements("requirements.txt"),
     extras_require={

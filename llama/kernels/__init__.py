@@ -1,0 +1,198 @@
+"""CPU products of a few activation rows with an fp32, int8 or 4-bit weight (decode steps).
+
+torch's CPU products are slow here: MKL's fp32 product with 2-16 rows costs several times one
+row and collapses when another process competes for a core, and torch's int8/int4 weight-only
+kernels run below fp32 speed with fp32 activations. These kernels (cpu.cpp) read each weight row
+once for all activation rows, dequantize in registers exactly as the reference does, and multiply
+in fp32 on a small thread pool that tolerates a busy core.
+
+The library is built at first use (build.py). Without a compiler, or with LLAMA_KERNELS=torch,
+every product runs its torch reference instead: the same results up to float rounding.
+"""
+
+import ctypes
+import functools
+import os
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from llama.kernels import build
+from llama.kernels.formats import (
+    BLOCK,
+    Q4Weight,
+    dequantize_q4,
+    dequantize_q8,
+    q4_from_gguf,
+    q8_from_gguf,
+    quantize_q4,
+    quantize_q8,
+)
+
+__all__ = [
+    "BLOCK", "Q4Weight", "available", "dequantize_q4", "dequantize_q8", "isa", "linear_f32", "linear_q4",
+    "linear_q8", "num_threads", "q4_from_gguf", "q8_from_gguf", "quantize_q4", "quantize_q8",
+    "reference_linear_f32", "reference_linear_q4", "reference_linear_q8", "set_num_threads",
+]
+
+_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> Optional[ctypes.CDLL]:
+    if os.environ.get("LLAMA_KERNELS") == "torch":
+        return None
+    lib = build.native_library()
+    if lib is not None:
+        lib.llk_set_threads(_threads)
+    return lib
+
+
+def available() -> bool:
+    """Whether the native kernels are built and in use (else the torch references run)."""
+    return _library() is not None
+
+
+def isa() -> str:
+    """The instruction set the kernels were built for: avx512, avx2, portable; or torch (fallback)."""
+    lib = _library()
+    return lib.llk_isa().decode() if lib is not None else "torch"
+
+
+def set_num_threads(n: int) -> None:
+    """Threads per product, the caller's included (default: the CPUs this process may run on)."""
+    global _threads
+    if n < 1:
+        raise ValueError(f"set_num_threads: need at least 1 thread, got {n}")
+    _threads = n
+    lib = _library()
+    if lib is not None:
+        lib.llk_set_threads(n)
+
+
+def num_threads() -> int:
+    return _threads
+
+
+# --- torch references: what the kernels compute, and what runs without them ---
+
+def reference_linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, w)
+
+
+def reference_linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, dequantize_q8(q, scale))
+
+
+def reference_linear_q4(x: torch.Tensor, w: Q4Weight) -> torch.Tensor:
+    return F.linear(x, dequantize_q4(w))
+
+
+# --- validation: the C functions trust their pointers and sizes ---
+
+def _check(name: str, what: str, t: torch.Tensor, dtype: torch.dtype, shape: Tuple[Optional[int], ...]) -> None:
+    ok_shape = t.dim() == len(shape) and all(s is None or s == n for s, n in zip(shape, t.shape))
+    if t.device.type != "cpu" or t.dtype != dtype or not ok_shape or not t.is_contiguous():
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(
+            f"{name}: {what} must be a contiguous {dtype} CPU tensor shaped {want}, got a "
+            f"{'contiguous' if t.is_contiguous() else 'non-contiguous'} {t.dtype} {t.device.type} tensor "
+            f"shaped {tuple(t.shape)}"
+        )
+
+
+def _check_x(name: str, x: torch.Tensor, k: int) -> None:
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{name}: x must end in the weight's k = {k} columns, got shape {tuple(x.shape)}")
+    _check(name, "x", x, torch.float32, tuple(x.shape))
+
+
+def _check_scale(name: str, scale: torch.Tensor, n: int, k: int) -> None:
+    _check(name, "scale", scale, torch.float32, (n, None) if scale.dim() == 2 else (n,))
+    groups = scale.shape[1] if scale.dim() == 2 else 1
+    if k % groups or (groups > 1 and (k // groups) % BLOCK):
+        raise ValueError(f"{name}: {groups} scale groups must split k = {k} into runs of a multiple of {BLOCK}")
+
+
+def _check_q4(name: str, w: Q4Weight) -> None:
+    _check(name, "qs", w.qs, torch.uint8, (None, None))
+    n, k = w.shape
+    _check(name, "d", w.d, torch.float16, (n, None))
+    _check(name, "m", w.m, torch.float16, tuple(w.d.shape))
+    if k % w.d.shape[1] or w.group % BLOCK:
+        raise ValueError(f"{name}: {w.d.shape[1]} groups must split k = {k} into runs of a multiple of {BLOCK}")
+
+
+# --- the products: native kernels, or torch when they are unavailable ---
+
+def _call(fn: Callable[..., None], x: torch.Tensor, n: int, *weight: int) -> torch.Tensor:
+    """fn(x, *weight, y, rows, k, n) into a new y (..., n)."""
+    rows = x.numel() // x.shape[-1]
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    if rows and n:
+        fn(x.data_ptr(), *weight, y.data_ptr(), rows, x.shape[-1], n)
+    return y
+
+
+def _linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    lib = _library()
+    if lib is None:
+        return reference_linear_f32(x, w)
+    return _call(lib.llk_linear_f32, x, w.shape[0], w.data_ptr())
+
+
+def _linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    lib = _library()
+    if lib is None:
+        return reference_linear_q8(x, q, scale)
+    groups = scale.shape[1] if scale.dim() == 2 else 1
+    return _call(lib.llk_linear_q8, x, q.shape[0], q.data_ptr(), scale.data_ptr(), groups)
+
+
+def _linear_q4(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    lib = _library()
+    if lib is None:
+        return reference_linear_q4(x, Q4Weight(qs, d, m))
+    return _call(lib.llk_linear_q4, x, qs.shape[0], qs.data_ptr(), d.data_ptr(), m.data_ptr(), d.shape[1])
+
+
+# --- torch.compile: the products as opaque custom ops that a compiled graph calls as they are.
+# Eagerly the public functions call the implementations directly: an op costs a Python dispatch.
+
+_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
+
+def _opaque(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """fn as a custom op (torch 2.4+; fn itself before). Its second argument has n rows."""
+    if not hasattr(torch.library, "custom_op"):
+        return fn
+    op = torch.library.custom_op(f"llama_kernels::{fn.__name__.lstrip('_')}", mutates_args=())(fn)
+    op.register_fake(lambda x, w, *rest: x.new_empty(*x.shape[:-1], w.shape[0]))
+    return op
+
+
+_op_f32, _op_q8, _op_q4 = _opaque(_linear_f32), _opaque(_linear_q8), _opaque(_linear_q4)
+
+
+def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., k) @ w (n, k)^T -> (..., n), all float32. Made for 1-16 rows of x."""
+    _check("linear_f32", "w", w, torch.float32, (None, None))
+    _check_x("linear_f32", x, w.shape[1])
+    return (_op_f32 if _compiling() else _linear_f32)(x, w)
+
+
+def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (..., k) float32 @ (q * scale)^T -> (..., n): q int8 (n, k), scale float32 (n,) per output
+    row or (n, groups) per run of k // groups columns (a multiple of 32)."""
+    _check("linear_q8", "q", q, torch.int8, (None, None))
+    _check_scale("linear_q8", scale, *q.shape)
+    _check_x("linear_q8", x, q.shape[1])
+    return (_op_q8 if _compiling() else _linear_q8)(x, q, scale)
+
+
+def linear_q4(x: torch.Tensor, w: Q4Weight) -> torch.Tensor:
+    """x (..., k) float32 @ dequantize_q4(w)^T -> (..., n)."""
+    _check_q4("linear_q4", w)
+    _check_x("linear_q4", x, w.shape[1])
+    return (_op_q4 if _compiling() else _linear_q4)(x, w.qs, w.d, w.m)

@@ -1,0 +1,129 @@
+"""Build cpu.cpp into a shared library once per source, compiler, flags and CPU, and load it.
+
+The library is compiled with -march=native, so a cached build is only valid on a CPU with the
+same instruction set extensions: their list is part of the cache key, and a cache directory copied
+to another machine rebuilds.
+"""
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu.cpp")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def find_compiler() -> Optional[str]:
+    """$CXX, else the compiler torch.compile is configured with (if inductor is loaded already:
+    importing it takes seconds), else c++, g++ or clang++ on the PATH."""
+    candidates = [os.environ.get("CXX")]
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is not None:
+        cxx = inductor.cpp.cxx
+        candidates += list(cxx) if isinstance(cxx, (tuple, list)) else [cxx]
+    candidates += ["c++", "g++", "clang++"]
+    for name in candidates:
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def cpu_flags() -> str:
+    """The CPU's instruction set extensions (Linux: the flags line of /proc/cpuinfo)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return platform.machine() + " " + platform.processor()
+
+
+def cache_root() -> Path:
+    base = os.environ.get("LLAMA_CACHE")
+    return Path(base) / "kernels" if base else Path.home() / ".cache" / "llama" / "kernels"
+
+
+def library_path(compiler: str, flags: Sequence[str] = FLAGS) -> Path:
+    """Where the build for this source, compiler (and its version), flags and CPU lives."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    key = hashlib.sha256()
+    for part in (SOURCE.read_text(), compiler, version, " ".join(flags), cpu_flags()):
+        key.update(part.encode() + b"\0")
+    return cache_root() / key.hexdigest()[:16] / "cpu.so"
+
+
+def build(compiler: str, flags: Sequence[str] = FLAGS) -> Path:
+    """The library's path, compiling it first if it is not cached. Concurrent builds (several
+    processes) each write a temporary file and rename it into place: the last one wins, whole."""
+    path = library_path(compiler, flags)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="cpu.", suffix=".so.tmp")
+    os.close(fd)
+    command: List[str] = [compiler, *flags, str(SOURCE), "-o", tmp]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise BuildError(f"{' '.join(command)} failed:\n{result.stderr}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """The library with its functions' argument types declared (ctypes releases the GIL in calls)."""
+    lib = ctypes.CDLL(str(path))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.llk_isa.restype = ctypes.c_char_p
+    lib.llk_isa.argtypes = []
+    lib.llk_threads.restype = ctypes.c_int
+    lib.llk_threads.argtypes = []
+    lib.llk_set_threads.restype = None
+    lib.llk_set_threads.argtypes = [ctypes.c_int]
+    lib.llk_linear_f32.restype = None
+    lib.llk_linear_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64]
+    lib.llk_linear_q8.restype = None
+    lib.llk_linear_q8.argtypes = [ptr, ptr, ptr, i64, ptr, i64, i64, i64]
+    lib.llk_linear_q4.restype = None
+    lib.llk_linear_q4.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64]
+    return lib
+
+
+def native_library() -> Optional[ctypes.CDLL]:
+    """The built library, or None after one warning if there is no compiler or the build fails."""
+    compiler = find_compiler()
+    if compiler is None:
+        log.warning(
+            "llama.kernels: no C++ compiler found ($CXX, c++, g++, clang++): small-batch CPU products "
+            "fall back to torch and run slower; install one (e.g. apt-get install g++) or set $CXX"
+        )
+        return None
+    try:
+        return load(build(compiler))
+    except (BuildError, OSError) as e:
+        log.debug("%s", e)
+        last_line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        log.warning(
+            "llama.kernels: building %s with %s failed (%s): small-batch CPU products fall back to "
+            "torch and run slower; install a working C++17 compiler (e.g. apt-get install g++) or set $CXX",
+            SOURCE.name, compiler, last_line,
+        )
+        return None
