@@ -28,6 +28,8 @@ from fairscale.nn.model_parallel.mappings import (
     scatter_to_model_parallel_region,
 )
 
+from llama import kernels
+
 WEIGHT_FORMATS = ("bf16", "int8")
 
 # Up to this many rows a product is bound by reading the weight (a decode step): use the compact
@@ -64,6 +66,20 @@ def fast_bf16_products(device_type: str) -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
+@functools.lru_cache(maxsize=None)
+def native_products() -> bool:
+    """Whether a decode step's products go through llama.kernels: built here with SIMD code
+    (AVX2 or AVX-512). They read each weight row once for all of a step's rows, where MKL's fp32
+    product costs several times one row's for 2-16 rows (and far more on a busy machine), and
+    torch's int8 kernel runs below fp32 speed on AVX2 CPUs. Built with portable code only, or not
+    at all, torch's own products stay faster."""
+    return kernels.isa() in ("avx2", "avx512")
+
+
+def _native_rows(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.numel() // x.shape[-1] <= DECODE_ROWS and native_products()
+
+
 class LocalProduct(torch.nn.Module):
     """x @ W.T with this process's slice of the weight, in whichever format it is stored.
 
@@ -76,7 +92,11 @@ class LocalProduct(torch.nn.Module):
     def local_product(self, x: torch.Tensor) -> torch.Tensor:
         w, scale = self.weight, self.weight_scale
         if scale is None and w.dtype == x.dtype:
-            return F.linear(x, w)  # exact: Meta's product, nothing else on the hot path
+            # Exact: Meta's product in the compute dtype (the kernel's fp32 sums round differently
+            # from MKL's in the last bits: logits agree to ~1e-6).
+            if x.dtype == torch.float32 and w.is_contiguous() and _native_rows(x):
+                return kernels.linear_f32(x.contiguous(), w)
+            return F.linear(x, w)
         return compact_product(x, w, scale)
 
 
@@ -84,6 +104,8 @@ def compact_product(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tens
     """x @ W.T for a weight in a compact format: bf16 (scale None) or int8 with per-row scales."""
     rows = x.numel() // x.shape[-1]
     if scale is not None:
+        if _native_rows(x):
+            return kernels.linear_q8(x.float().contiguous(), w, scale).to(x.dtype)
         if rows <= DECODE_ROWS and x.device.type == "cpu":
             y = _int8_decode(x.reshape(rows, -1).to(torch.bfloat16), w, scale)
             return y.to(x.dtype).view(*x.shape[:-1], -1)
