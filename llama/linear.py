@@ -66,14 +66,20 @@ def fast_bf16_products(device_type: str) -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
-@functools.lru_cache(maxsize=None)
+_native: Optional[bool] = None
+
+
 def native_products() -> bool:
     """Whether a decode step's products go through llama.kernels: built here with SIMD code
     (AVX2 or AVX-512). They read each weight row once for all of a step's rows, where MKL's fp32
     product costs several times one row's for 2-16 rows (and far more on a busy machine), and
     torch's int8 kernel runs below fp32 speed on AVX2 CPUs. Built with portable code only, or not
-    at all, torch's own products stay faster."""
-    return kernels.isa() in ("avx2", "avx512")
+    at all, torch's own products stay faster. Decided once (Transformer.compile_decode asks
+    before tracing, so that a compiled step reads the answer instead of tracing the build)."""
+    global _native
+    if _native is None:
+        _native = kernels.isa() in ("avx2", "avx512")
+    return _native
 
 
 def _native_rows(x: torch.Tensor) -> bool:

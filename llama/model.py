@@ -14,7 +14,7 @@ from fairscale.nn.model_parallel.layers import ParallelEmbedding, VocabParallelE
 from torch import nn
 
 from llama.args import ModelArgs
-from llama.linear import ColumnParallelLinear, FusedColumns, RowParallelLinear, is_compiling
+from llama.linear import ColumnParallelLinear, FusedColumns, RowParallelLinear, is_compiling, native_products
 
 __all__ = ["ModelArgs", "Transformer", "precompute_freqs_cis"]
 
@@ -295,6 +295,7 @@ class Transformer(nn.Module):
         """Make decode run a torch.compile'd step, compiled on its first call with the batch size
         and the attended length symbolic: no recompiling when they change (a batch of one is
         specialized, so a first other batch size compiles once more)."""
+        native_products()  # decided now: the compiled step must not trace the kernels' build check
         compiled = torch.compile(self._masked_step)
 
         def step(tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
