@@ -135,6 +135,7 @@ void f32_tile(const Product& p, int64_t row, int64_t i0) {
 }
 
 struct F32Kernel {
+    static int rows_per_tile(int64_t m) { return m >= 4 ? 3 : 4; }  // at most 12 accumulators
     Product p;
     template <int R, int M> void tile(int64_t row, int64_t i0) const { f32_tile<Simd, R, M>(p, row, i0); }
 };
@@ -371,20 +372,22 @@ struct QProduct {
 };
 
 #if defined(LLK_INT_SIMD)
-// acc[r][i] += blocks b and b + 1 (zero if !pair) of weight row row + r times activation row i0 + i,
-// scaled by their d * dx (scales[r][i][p]).
-template <class Fmt, int R, int M>
+// acc[r][i] += blocks b and b + 4 (zero if !pair) of weight row row + r times activation row
+// i0 + i. Pairing b with b + 4 makes their scales (d * dx) one in-lane shuffle of 8 blocks' scales:
+// [s0..s3 | s4..s7] -> [s_j x4 | s_j+4 x4].
+template <class Fmt, int R, int M, int J>
 inline void qpair(const Fmt& f, const QuantizedX& x, int64_t row, int64_t i0, int64_t b, bool pair,
-                  const __m256 (&scales)[R][M][4], int p, __m256 (&acc)[R][M]) {
+                  const float (&scales)[R][M][8], __m256 (&acc)[R][M]) {
     for (int r = 0; r < R; ++r) {
         const typename Fmt::Block w0 = f.block(row + r, b);
-        const typename Fmt::Block w1 = pair ? f.block(row + r, b + 1) : typename Fmt::Block{};
+        const typename Fmt::Block w1 = pair ? f.block(row + r, b + 4) : typename Fmt::Block{};
         for (int i = 0; i < M; ++i) {
             const int8_t* qx = x.row_q(i0 + i) + b * BLOCK;
             const __m128i s0 = Fmt::sums(w0, qx);
-            const __m128i s1 = pair ? Fmt::sums(w1, qx + BLOCK) : _mm_setzero_si128();
+            const __m128i s1 = pair ? Fmt::sums(w1, qx + 4 * BLOCK) : _mm_setzero_si128();
             const __m256i both = Fmt::widen_sums(_mm256_inserti128_si256(_mm256_castsi128_si256(s0), s1, 1));
-            acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(both), scales[r][i][p], acc[r][i]);
+            const __m256 scale = _mm256_permute_ps(_mm256_load_ps(scales[r][i]), J * 0x55);
+            acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(both), scale, acc[r][i]);
         }
     }
 }
@@ -403,25 +406,25 @@ void qtile(const Fmt& f, const QProduct& p, int64_t row, int64_t i0) {
         for (int i = 0; i < M; ++i) acc[r][i] = _mm256_setzero_ps();
     for (int64_t b0 = 0; b0 < x.blocks; b0 += 8) {
         const int nb = static_cast<int>(std::min<int64_t>(8, x.blocks - b0));
-        // d * dx of blocks b0 + 2p (4 lanes) and b0 + 2p + 1 (4 lanes), p < 4
-        __m256 scales[R][M][4];
+        alignas(32) float scales[R][M][8];  // d * dx of blocks b0..b0 + 7
         for (int r = 0; r < R; ++r) {
             alignas(32) float d[8] = {};
             if (nb == 8) f.scales8(row + r, b0, d);
             else
                 for (int j = 0; j < nb; ++j) d[j] = f.scale(row + r, b0 + j);
-            for (int i = 0; i < M; ++i) {
-                const __m256 dd = _mm256_mul_ps(_mm256_load_ps(d), _mm256_loadu_ps(x.row_d(i0 + i) + b0));
-                for (int p = 0; p < 4; ++p)
-                    scales[r][i][p] = _mm256_permutevar8x32_ps(dd, _mm256_setr_epi32(2 * p, 2 * p, 2 * p, 2 * p,
-                                                                                      2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1));
-            }
+            for (int i = 0; i < M; ++i)
+                _mm256_store_ps(scales[r][i], _mm256_mul_ps(_mm256_load_ps(d), _mm256_loadu_ps(x.row_d(i0 + i) + b0)));
         }
         if (nb == 8) {
-#pragma GCC unroll 4
-            for (int j = 0; j < 8; j += 2) qpair<Fmt, R, M>(f, x, row, i0, b0 + j, true, scales, j / 2, acc);
-        } else {
-            for (int j = 0; j < nb; j += 2) qpair<Fmt, R, M>(f, x, row, i0, b0 + j, j + 1 < nb, scales, j / 2, acc);
+            qpair<Fmt, R, M, 0>(f, x, row, i0, b0 + 0, true, scales, acc);
+            qpair<Fmt, R, M, 1>(f, x, row, i0, b0 + 1, true, scales, acc);
+            qpair<Fmt, R, M, 2>(f, x, row, i0, b0 + 2, true, scales, acc);
+            qpair<Fmt, R, M, 3>(f, x, row, i0, b0 + 3, true, scales, acc);
+        } else {  // the row's last blocks: j < 4 meets j + 4 where that is in the row
+            if (nb > 0) qpair<Fmt, R, M, 0>(f, x, row, i0, b0 + 0, nb > 4, scales, acc);
+            if (nb > 1) qpair<Fmt, R, M, 1>(f, x, row, i0, b0 + 1, nb > 5, scales, acc);
+            if (nb > 2) qpair<Fmt, R, M, 2>(f, x, row, i0, b0 + 2, nb > 6, scales, acc);
+            if (nb > 3) qpair<Fmt, R, M, 3>(f, x, row, i0, b0 + 3, false, scales, acc);
         }
     }
     for (int r = 0; r < R; ++r)
@@ -448,6 +451,9 @@ void qtile(const Fmt& f, const QProduct& p, int64_t row, int64_t i0) {
 
 template <class Fmt>
 struct QKernel {
+    // Weight rows per tile for m activation rows: a pair of blocks holds 4 vectors of weights, so
+    // at most 8 accumulators.
+    static int rows_per_tile(int64_t m) { return m <= 2 ? 4 : 2; }
     Fmt f;
     QProduct p;
     template <int R, int M> void tile(int64_t row, int64_t i0) const { qtile<Fmt, R, M>(f, p, row, i0); }
@@ -465,13 +471,17 @@ void tiles(const K& kernel, int64_t m, int64_t row) {
     if (m - i0 == 1) kernel.template tile<R, 1>(row, i0);
 }
 
-// Weight rows [r0, r1) against all m activation rows: a block of 4 (or 3) weight rows stays in
-// cache while it meets each group of activation rows.
+// Weight rows [r0, r1) against all m activation rows: a block of a few weight rows stays in cache
+// while it meets each group of activation rows.
 template <class K>
 void rows(const K& kernel, int64_t m, int64_t r0, int64_t r1) {
-    const int block = m >= 4 ? 3 : 4;
+    const int block = K::rows_per_tile(m);
     int64_t row = r0;
-    for (; row + block <= r1; row += block) block == 3 ? tiles<K, 3>(kernel, m, row) : tiles<K, 4>(kernel, m, row);
+    for (; row + block <= r1; row += block) {
+        if (block == 4) tiles<K, 4>(kernel, m, row);
+        else if (block == 3) tiles<K, 3>(kernel, m, row);
+        else tiles<K, 2>(kernel, m, row);
+    }
     for (; row < r1; ++row) tiles<K, 1>(kernel, m, row);
 }
 
