@@ -101,11 +101,53 @@ def test_linear_q4_with_groups_of_64_matches_reference(native):
     _close(kernels.linear_q4(x, w), kernels.reference_linear_q4(x, w))
 
 
+def _dequantized_activations(x: torch.Tensor) -> torch.Tensor:
+    q, d, _ = kernels.quantize_activations_q8(x)
+    rows, k = q.shape[0], x.shape[-1]
+    return (q.float().view(rows, -1, 32) * d[:, :, None]).view(rows, -1)[:, :k]
+
+
 def test_linear_q4_on_gguf_blocks_matches_gguf_dequantized_weight(native):
     blocks = _gguf_blocks(GGMLQuantizationType.Q4_1, 64, 576)
     x = torch.randn(4, 576)
-    ref = torch.nn.functional.linear(x, torch.from_numpy(dequantize(blocks, GGMLQuantizationType.Q4_1)))
+    w = torch.from_numpy(dequantize(blocks, GGMLQuantizationType.Q4_1))
+    ref = torch.nn.functional.linear(_dequantized_activations(x), w)
     _close(kernels.linear_q4(x, kernels.q4_from_gguf(blocks, GGMLQuantizationType.Q4_1)), ref)
+
+
+def test_kernels_quantize_activations_as_quantize_activations_q8(native):
+    """An identity int8 weight with unit block scales returns the quantized activations bit for bit."""
+    k = 96
+    x = torch.randn(3, k) * torch.logspace(-3, 3, k)  # blocks of very different scales
+    x[1, :32] = torch.cat([torch.tensor([127.0]), torch.arange(-15, 16) + 0.5])  # scale 1: ties
+    x[2, 32:64] = 0  # an all-zero block
+    eye = torch.eye(k, dtype=torch.int8)
+    y = kernels.linear_q8(x, eye, torch.ones(k, k // 32))
+    assert torch.equal(y, _dequantized_activations(x))
+
+
+def test_quantize_activations_q8_rounds_per_block_half_to_even():
+    x = torch.zeros(1, 40)
+    x[0, :4] = torch.tensor([127.0, 2.5, -3.5, 0.5])  # the block's scale is 1
+    x[0, 32:34] = torch.tensor([-1.0, 0.25])  # a short last block, scaled by 1 / 127
+    q, d, s = kernels.quantize_activations_q8(x)
+    assert q.shape == (1, 64) and torch.equal(d, torch.tensor([[1.0, 1 / 127]]))
+    assert q[0, :4].tolist() == [127, 2, -4, 0]
+    assert q[0, 32:35].tolist() == [-127, 32, 0] and not q[0, 34:].any()
+    assert torch.equal(s, d * q.view(1, 2, 32).sum(dim=2).float())
+
+
+@pytest.mark.parametrize("product", ["q8", "q4"])
+def test_quantized_products_stay_close_to_the_fp32_product(native, product):
+    """Quantizing activations per block costs about 1% of the output's scale, no more."""
+    x, w = torch.randn(4, 576), torch.randn(256, 576)
+    if product == "q8":
+        q, scale = kernels.quantize_q8(w)
+        y, exact = kernels.linear_q8(x, q, scale), torch.nn.functional.linear(x, kernels.dequantize_q8(q, scale))
+    else:
+        p = kernels.quantize_q4(w)
+        y, exact = kernels.linear_q4(x, p), torch.nn.functional.linear(x, kernels.dequantize_q4(p))
+    assert float((y - exact).abs().max()) < 0.02 * float(exact.abs().max())
 
 
 def test_products_keep_leading_dimensions(native):
@@ -214,11 +256,19 @@ def test_portable_build_matches_torch(native):
     y = torch.empty(3, 9)
     lib.llk_linear_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), 3, 70, 9)
     _close(y, torch.nn.functional.linear(x, w))
+    q, scale = kernels.quantize_q8(w)
+    lib.llk_linear_q8(x.data_ptr(), q.data_ptr(), scale.data_ptr(), 1, y.data_ptr(), 3, 70, 9)
+    _close(y, kernels.reference_linear_q8(x, q, scale))
+    x, p = torch.randn(3, 128), kernels.quantize_q4(torch.randn(9, 128), group=64)
+    lib.llk_linear_q4(x.data_ptr(), p.qs.data_ptr(), p.d.data_ptr(), p.m.data_ptr(), 2, y.data_ptr(), 3, 128, 9)
+    _close(y, kernels.reference_linear_q4(x, p))
 
 
-def test_avx512_path_compiles(native):
-    """This CPU may lack AVX-512: at least the AVX-512 code must compile."""
-    flags = ["-std=c++17", "-fsyntax-only", "-march=skylake-avx512"]
+@pytest.mark.parametrize("march", ["skylake-avx512", "icelake-server", "alderlake"])
+def test_avx512_and_vnni_paths_compile(native, march):
+    """This CPU may lack AVX-512 and VNNI (AVX512-VNNI on icelake-server, AVX-VNNI on alderlake):
+    at least their code must compile."""
+    flags = ["-std=c++17", "-fsyntax-only", f"-march={march}"]
     result = subprocess.run([build.find_compiler(), *flags, str(build.SOURCE)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

@@ -3,11 +3,20 @@
 torch's CPU products are slow here: MKL's fp32 product with 2-16 rows costs several times one
 row and collapses when another process competes for a core, and torch's int8/int4 weight-only
 kernels run below fp32 speed with fp32 activations. These kernels (cpu.cpp) read each weight row
-once for all activation rows, dequantize in registers exactly as the reference does, and multiply
-in fp32 on a small thread pool that tolerates a busy core.
+once for all activation rows on a small thread pool that tolerates a busy core.
+
+- fp32: fp32 multiply-adds, the same products as F.linear up to float rounding.
+- int8 and 4-bit: as llama.cpp's CPU backend does for Q8_0, Q4_0 and Q4_1 weights, each
+  activation row is quantized per block of 32 columns to int8 with a float scale
+  (quantize_activations_q8), and each block's product is an integer dot product times the two
+  scales (plus the 4-bit min times the block's scaled sum). Converting the weight to floats costs
+  more than reading it on AVX2; integer dot products do not. Quantizing the activations is part of
+  these lossy formats' cost (about 0.5% of an output's scale per product), measured with the
+  perplexity command (llama/perplexity.py).
 
 The library is built at first use (build.py). Without a compiler, or with LLAMA_KERNELS=torch,
-every product runs its torch reference instead: the same results up to float rounding.
+every product runs its torch reference instead: the same integers, the same results up to float
+rounding.
 """
 
 import ctypes
@@ -26,14 +35,15 @@ from llama.kernels.formats import (
     dequantize_q8,
     q4_from_gguf,
     q8_from_gguf,
+    quantize_activations_q8,
     quantize_q4,
     quantize_q8,
 )
 
 __all__ = [
     "BLOCK", "Q4Weight", "available", "dequantize_q4", "dequantize_q8", "isa", "linear_f32", "linear_q4",
-    "linear_q8", "num_threads", "q4_from_gguf", "q8_from_gguf", "quantize_q4", "quantize_q8",
-    "reference_linear_f32", "reference_linear_q4", "reference_linear_q8", "set_num_threads",
+    "linear_q8", "num_threads", "q4_from_gguf", "q8_from_gguf", "quantize_activations_q8", "quantize_q4",
+    "quantize_q8", "reference_linear_f32", "reference_linear_q4", "reference_linear_q8", "set_num_threads",
 ]
 
 _threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -81,12 +91,49 @@ def reference_linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
+def _per_block(scale: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Scales (n, groups) -> (n, blocks): each group's scale repeated over its blocks of 32."""
+    return scale.float().repeat_interleave(blocks // scale.shape[1], dim=1)
+
+
+def _block_products(x: torch.Tensor, w_blocks: torch.Tensor, combine: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """The integer math of the quantized kernels: x (..., k) quantized by quantize_activations_q8;
+    w_blocks (n, blocks, 32) integer-valued weight blocks; combine(dots (rows, n', blocks), dx
+    (rows, 1, blocks), sx (rows, 1, blocks), rows') -> (rows, n') for weight rows [rows'] (a slice).
+    Float32 dots are exact: every partial sum is an integer below 2^24."""
+    n, blocks, _ = w_blocks.shape
+    qx, dx, sx = quantize_activations_q8(x)
+    qx = qx.float().view(-1, blocks, BLOCK).transpose(0, 1)  # (blocks, rows, 32)
+    rows = qx.shape[1]
+    y = torch.empty(rows, n)
+    step = max(1, (1 << 22) // max(1, rows * blocks))  # bounds the (rows, step, blocks) dots
+    for r0 in range(0, n, step):
+        w = w_blocks[r0 : r0 + step].float().permute(1, 2, 0)  # (blocks, 32, n')
+        dots = torch.bmm(qx, w).permute(1, 2, 0)  # (rows, n', blocks)
+        y[:, r0 : r0 + step] = combine(dots, dx[:, None], sx[:, None], slice(r0, r0 + step))
+    return y.view(*x.shape[:-1], n)
+
+
 def reference_linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, dequantize_q8(q, scale))
+    """What linear_q8 computes: per block of 32 columns (d_w * dx) * dot(q, qx), summed; a
+    per-row scale d_w multiplies the row's sum instead."""
+    n, k = q.shape
+    blocks = -(-k // BLOCK)
+    w_blocks = F.pad(q, (0, blocks * BLOCK - k)).view(n, blocks, BLOCK)
+    if scale.dim() == 1:
+        return _block_products(x, w_blocks, lambda dots, dx, sx, r: (dx * dots).sum(2) * scale[r])
+    d = _per_block(scale, blocks)
+    return _block_products(x, w_blocks, lambda dots, dx, sx, r: (d[r] * dx * dots).sum(2))
 
 
 def reference_linear_q4(x: torch.Tensor, w: Q4Weight) -> torch.Tensor:
-    return F.linear(x, dequantize_q4(w))
+    """What linear_q4 computes: per block of 32 columns (d * dx) * dot(q, qx) + m * sx, summed."""
+    n, k = w.shape
+    blocks = k // BLOCK
+    qs = w.qs.view(n, blocks, BLOCK // 2)
+    w_blocks = torch.cat([qs & 15, qs >> 4], dim=2)  # (n, blocks, 32) in column order
+    d, m = _per_block(w.d, blocks), _per_block(w.m, blocks)
+    return _block_products(x, w_blocks, lambda dots, dx, sx, r: (d[r] * dx * dots).sum(2) + (m[r] * sx).sum(2))
 
 
 # --- validation: the C functions trust their pointers and sizes ---

@@ -2,13 +2,16 @@
 // nn.Linear does (n, k): fp32, int8 with float scales, or 4-bit groups with fp16 scale and min.
 //
 // Such products are bound by reading the weight, so each weight row is read from memory once for
-// all activation rows, dequantized in registers exactly as the reference dequantizes it, and
-// multiplied in fp32. Plain C ABI and no torch headers, so that it builds in seconds; the
-// instruction set is chosen at build time (-march=native): AVX-512, AVX2+FMA, or portable C++.
+// all activation rows. fp32 weights are multiplied in fp32; int8 and 4-bit weights meet activations
+// quantized per block of 32 to int8 in integer dot products, as llama.cpp does (see below). Plain C
+// ABI and no torch headers, so that it builds in seconds; the instruction set is chosen at build
+// time (-march=native): AVX-512 or AVX2+FMA (integer products: AVX2, with VNNI where present), or
+// portable C++ computing the same integers.
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -57,9 +60,6 @@ struct Scalar {
     static V mul(V a, V b) { return a * b; }
     static V fma(V a, V b, V c) { return a * b + c; }
     static float sum(V v) { return v; }
-    static V int8(const int8_t* p) { return static_cast<float>(*p); }
-    static V nibble_lo(const uint8_t* p) { return static_cast<float>(*p & 15); }
-    static V nibble_hi(const uint8_t* p) { return static_cast<float>(*p >> 4); }
 };
 
 #if defined(__AVX512F__)
@@ -73,16 +73,6 @@ struct Simd {
     static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
     static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
     static float sum(V v) { return _mm512_reduce_add_ps(v); }
-    static __m512i bytes(const void* p) {
-        return _mm512_cvtepu8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
-    }
-    static V int8(const int8_t* p) {
-        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-    }
-    static V nibble_lo(const uint8_t* p) {
-        return _mm512_cvtepi32_ps(_mm512_and_si512(bytes(p), _mm512_set1_epi32(15)));
-    }
-    static V nibble_hi(const uint8_t* p) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes(p), 4)); }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
 #define LLK_ISA "avx2"
@@ -99,67 +89,177 @@ struct Simd {
         s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
     }
-    static __m256i bytes(const void* p) {
-        return _mm256_cvtepu8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p)));
-    }
-    static V int8(const int8_t* p) {
-        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-    }
-    static V nibble_lo(const uint8_t* p) {
-        return _mm256_cvtepi32_ps(_mm256_and_si256(bytes(p), _mm256_set1_epi32(15)));
-    }
-    static V nibble_hi(const uint8_t* p) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes(p), 4)); }
 };
 #else
 #define LLK_ISA "portable"
 using Simd = Scalar;
 #endif
 
-// --- weight formats: a weight row's W values at columns c + J.., dequantized as the reference does.
-// J is a compile-time offset into a run of 32 columns starting at c (c a multiple of 32 for Q4).
-// Columns come in groups that share their parameters (the whole row for fp32 and per-row int8);
-// row_scale multiplies a whole output (1 where the format scales in the loads).
+// --- fp32 weights: fp32 multiply-adds, W columns a vector ---
 
-struct F32 {
-    const float* w;
-    int64_t k;
-    int64_t group() const { return k; }
-    float row_scale(int64_t) const { return 1.0f; }
-    template <class S> struct Params {};
-    template <class S> Params<S> params(int64_t, int64_t) const { return {}; }
-    template <class S, int J> typename S::V load(int64_t row, const Params<S>&, int64_t c) const {
-        return S::load(w + row * k + c + J);
-    }
+struct Product {
+    const float* x;  // (m, k)
+    const float* w;  // (n, k)
+    float* y;        // (m, n)
+    int64_t m, k, n;
 };
 
-// int8 with one float scale per output row, applied to the output: one multiply per row, not
-// per weight (the same products up to rounding).
-struct Q8Row {
-    const int8_t* q;
-    const float* scale;
-    int64_t k;
-    int64_t group() const { return k; }
-    float row_scale(int64_t row) const { return scale[row]; }
-    template <class S> struct Params {};
-    template <class S> Params<S> params(int64_t, int64_t) const { return {}; }
-    template <class S, int J> typename S::V load(int64_t row, const Params<S>&, int64_t c) const {
-        return S::int8(q + row * k + c + J);
+// acc[r][i] += weight row r's values at columns c + J.. times activation row i's, for J = 0, W,
+// .. < End: one weight vector loaded per M products.
+template <class S, int R, int M, int J, int End>
+inline void step(const float* w, const float* x, int64_t k, int64_t c, typename S::V (&acc)[R][M]) {
+    if constexpr (J < End) {
+        for (int r = 0; r < R; ++r) {
+            const typename S::V wv = S::load(w + r * k + c + J);
+            for (int i = 0; i < M; ++i) acc[r][i] = S::fma(wv, S::load(x + i * k + c + J), acc[r][i]);
+        }
+        step<S, R, M, J + S::W, End>(w, x, k, c, acc);
     }
+}
+
+// R weight rows from `row` times M activation rows from `i0`: R * M accumulators of W lanes.
+template <class S, int R, int M>
+void f32_tile(const Product& p, int64_t row, int64_t i0) {
+    typename S::V acc[R][M];
+    float tail[R][M];
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < M; ++i) acc[r][i] = S::zero(), tail[r][i] = 0.0f;
+    const float* x = p.x + i0 * p.k;
+    const float* w = p.w + row * p.k;
+    int64_t c = 0;
+    for (; c + 32 <= p.k; c += 32) step<S, R, M, 0, 32>(w, x, p.k, c, acc);
+    for (; c + S::W <= p.k; c += S::W) step<S, R, M, 0, S::W>(w, x, p.k, c, acc);
+    for (; c < p.k; ++c) step<Scalar, R, M, 0, 1>(w, x, p.k, c, tail);
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < M; ++i) p.y[(i0 + i) * p.n + row + r] = S::sum(acc[r][i]) + tail[r][i];
+}
+
+struct F32Kernel {
+    static int rows_per_tile(int64_t m) { return m >= 4 ? 3 : 4; }  // at most 12 accumulators
+    Product p;
+    template <int R, int M> void tile(int64_t row, int64_t i0) const { f32_tile<Simd, R, M>(p, row, i0); }
 };
 
-// int8 times a float scale per group of columns (GGUF Q8_0: 32), dequantized in registers.
-struct Q8Group {
-    const int8_t* q;
-    const float* scale;
-    int64_t k, groups;
-    int64_t group() const { return k / groups; }
-    float row_scale(int64_t) const { return 1.0f; }
-    template <class S> struct Params { typename S::V s; };
-    template <class S> Params<S> params(int64_t row, int64_t g) const { return {S::set1(scale[row * groups + g])}; }
-    template <class S, int J> typename S::V load(int64_t row, const Params<S>& p, int64_t c) const {
-        return S::mul(S::int8(q + row * k + c + J), p.s);
-    }
+// --- int8 and 4-bit weights: integer dot products per block of 32 columns, as llama.cpp's CPU
+// backend does for Q8_0, Q4_0 and Q4_1. Each activation row is quantized per block to int8 with a
+// float scale dx (symmetric, round to nearest even), keeping sx = dx * sum(qx) for the 4-bit min:
+//   sum over a block of x * (d * q + m)  ~  (d * dx) * dot(q, qx) + m * sx.
+// Converting the weight to floats costs more than reading it on AVX2; the integer products cost
+// a few instructions per 32 weights. ---
+
+constexpr int BLOCK = 32;
+
+struct QuantizedX {
+    std::vector<int8_t> q;  // (m, blocks * 32), zero past k
+    std::vector<float> d;   // (m, stride): the blocks' scales dx, zero past the row's blocks
+    std::vector<float> s;   // (m, stride): dx * sum(qx)
+    int64_t blocks, stride;
+    const int8_t* row_q(int64_t i) const { return q.data() + i * blocks * BLOCK; }
+    const float* row_d(int64_t i) const { return d.data() + i * stride; }
+    const float* row_s(int64_t i) const { return s.data() + i * stride; }
 };
+
+// n <= 32 values -> q, with the block's scale and scaled sum. The C++ and torch sides round alike:
+// d = amax / 127, q = round_half_even(x * (127 / amax)), each an IEEE float operation.
+inline void quantize_block(const float* x, int n, int8_t* q, float* d, float* s) {
+#if defined(__AVX2__)
+    if (n == BLOCK) {
+        __m256 v[4], amax8 = _mm256_setzero_ps();
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        for (int t = 0; t < 4; ++t) {
+            v[t] = _mm256_loadu_ps(x + 8 * t);
+            amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign, v[t]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax8), _mm256_extractf128_ps(amax8, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+        const __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+        __m256i i32[4];
+        for (int t = 0; t < 4; ++t) i32[t] = _mm256_cvtps_epi32(_mm256_mul_ps(v[t], id));  // MXCSR: nearest even
+        const __m256i sum8 = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
+        __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0x4e));
+        t4 = _mm_add_epi32(t4, _mm_shuffle_epi32(t4, 0xb1));
+        // packs work within 128-bit lanes: the permute puts the 8 runs of 4 back in column order.
+        const __m256i i16a = _mm256_packs_epi32(i32[0], i32[1]), i16b = _mm256_packs_epi32(i32[2], i32[3]);
+        const __m256i i8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i16a, i16b),
+                                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), i8);
+        *d = amax / 127.0f;
+        *s = *d * static_cast<float>(_mm_cvtsi128_si32(t4));
+        return;
+    }
+#endif
+    float amax = 0.0f;
+    for (int j = 0; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < BLOCK; ++j) {
+        q[j] = j < n ? static_cast<int8_t>(std::nearbyint(x[j] * id)) : 0;
+        sum += q[j];
+    }
+    *d = amax / 127.0f;
+    *s = *d * static_cast<float>(sum);
+}
+
+void quantize_x(const float* x, int64_t m, int64_t k, QuantizedX& out) {
+    out.blocks = (k + BLOCK - 1) / BLOCK;
+    out.stride = (out.blocks + 7) / 8 * 8;  // whole vectors of 8 scales can be loaded
+    out.q.resize(m * out.blocks * BLOCK);
+    out.d.assign(m * out.stride, 0.0f);
+    out.s.assign(m * out.stride, 0.0f);
+    for (int64_t i = 0; i < m; ++i)
+        for (int64_t b = 0; b < out.blocks; ++b)
+            quantize_block(x + i * k + b * BLOCK, static_cast<int>(std::min<int64_t>(BLOCK, k - b * BLOCK)),
+                           out.q.data() + (i * out.blocks + b) * BLOCK, out.d.data() + i * out.stride + b,
+                           out.s.data() + i * out.stride + b);
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define LLK_INT_SIMD 1
+// Products in 128-bit halves of a block (16 columns): CPUs that split 256-bit operations (AMD Zen 1)
+// pay the same per byte, and two blocks' sums then share one widening, conversion and fma.
+inline __m128i load16(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+
+// 16 unsigned bytes times 16 signed bytes -> 4 int32 sums of 4 neighbours (VNNI), else 8 int16
+// sums of 2. maddubs's int16 sums cannot saturate here: |q| <= 128, |qx| <= 127 give at most 32512.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LLK_VNNI 1
+inline __m128i dot_u8s8(__m128i u, __m128i s) { return _mm_dpbusd_epi32(_mm_setzero_si128(), u, s); }
+#elif defined(__AVXVNNI__)
+#define LLK_VNNI 1
+inline __m128i dot_u8s8(__m128i u, __m128i s) { return _mm_dpbusd_avx_epi32(_mm_setzero_si128(), u, s); }
+#else
+inline __m128i dot_u8s8(__m128i u, __m128i s) { return _mm_maddubs_epi16(u, s); }
+#endif
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+// int16 pair sums -> int32 (the identity where dot_u8s8 gives int32 already).
+inline __m256i widen(__m256i v) {
+#if defined(LLK_VNNI)
+    return v;
+#else
+    return _mm256_madd_epi16(v, _mm256_set1_epi16(1));
+#endif
+}
+#endif
+
+// Weight formats, each a row of blocks of 32: `value` (one column, for the portable path), `block`
+// and `dot` (the SIMD path), `scale` of a block (multiplies dx), `min_term` (sum of m * sx over a
+// row; 4-bit only) and `row_scale` (multiplies the row's output; per-row int8 only).
+
+// out[j] = convert(scales[(b0 + j) / per_group]) for j < 8, with one division.
+template <class T, class Convert>
+inline void group_scales(const T* scales, int64_t per_group, int64_t b0, float* out, Convert convert) {
+    int64_t g = b0 / per_group, left = per_group - b0 % per_group;
+    for (int j = 0; j < 8; ++j) {
+        out[j] = convert(scales[g]);
+        if (--left == 0) ++g, left = per_group;
+    }
+}
 
 // 4-bit values q in 0..15, value = d * q + m per group. Nibbles in GGUF Q4_0/Q4_1 order: for each
 // 32 columns 16 bytes, byte j holding column j (low nibble) and column j + 16 (high nibble).
@@ -168,88 +268,221 @@ struct Q4 {
     const uint16_t* d;
     const uint16_t* m;
     int64_t k, groups;
-    int64_t group() const { return k / groups; }
+    int64_t per_group = k / groups / BLOCK;  // blocks per group: computed once, divisions are slow
+    const uint8_t* bytes(int64_t row, int64_t b) const { return qs + row * (k / 2) + b * (BLOCK / 2); }
+    int value(int64_t row, int64_t c) const {
+        const uint8_t byte = bytes(row, c / BLOCK)[c % 16];
+        return c % BLOCK < 16 ? byte & 15 : byte >> 4;
+    }
+    float scale(int64_t row, int64_t b) const { return half_to_float(d[row * groups + b / per_group]); }
     float row_scale(int64_t) const { return 1.0f; }
-    template <class S> struct Params { typename S::V d, m; };
-    template <class S> Params<S> params(int64_t row, int64_t g) const {
-        const int64_t i = row * groups + g;
-        return {S::set1(half_to_float(d[i])), S::set1(half_to_float(m[i]))};
+    float min_term(int64_t row, const float* sx, int64_t blocks) const {
+        const uint16_t* mins = m + row * groups;
+        int64_t b = 0;
+        float sum = 0.0f;
+#if defined(LLK_INT_SIMD) && defined(__F16C__)
+        if (per_group == 1) {
+            __m256 acc = _mm256_setzero_ps();
+            for (; b + 8 <= blocks; b += 8) {
+                const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + b)));
+                acc = _mm256_fmadd_ps(mv, _mm256_loadu_ps(sx + b), acc);
+            }
+            sum = hsum(acc);
+        }
+#endif
+        for (int64_t g = b / per_group, left = per_group - b % per_group; b < blocks; ++b) {
+            sum += half_to_float(mins[g]) * sx[b];
+            if (--left == 0) ++g, left = per_group;
+        }
+        return sum;
     }
-    template <class S, int J> typename S::V load(int64_t row, const Params<S>& p, int64_t c) const {
-        const uint8_t* block = qs + row * (k / 2) + c / 2;
-        const typename S::V q = J < 16 ? S::nibble_lo(block + J) : S::nibble_hi(block + J - 16);
-        return S::fma(q, p.d, p.m);  // d * q is exact in fp32: one rounding, as d * q + m in C
+    // The 8 blocks' scales from b0 (all in the row).
+    void scales8(int64_t row, int64_t b0, float* out) const {
+#if defined(__F16C__)
+        if (per_group == 1) {
+            _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + row * groups + b0))));
+            return;
+        }
+#endif
+        group_scales(d + row * groups, per_group, b0, out, half_to_float);
     }
+#if defined(LLK_INT_SIMD)
+    struct Block { __m128i lo, hi; };  // columns 0..15 and 16..31 as bytes 0..15
+    Block block(int64_t row, int64_t b) const {
+        const __m128i packed = load16(bytes(row, b)), mask = _mm_set1_epi8(15);
+        return {_mm_and_si128(packed, mask), _mm_and_si128(_mm_srli_epi16(packed, 4), mask)};
+    }
+    // The block's products as 8 int16 sums of 4 (at most 4 * 15 * 127: no overflow), or 4 int32.
+    static __m128i sums(const Block& w, const int8_t* x) {
+#if defined(LLK_VNNI)
+        return _mm_add_epi32(dot_u8s8(w.lo, load16(x)), dot_u8s8(w.hi, load16(x + 16)));
+#else
+        return _mm_add_epi16(dot_u8s8(w.lo, load16(x)), dot_u8s8(w.hi, load16(x + 16)));
+#endif
+    }
+    static __m256i widen_sums(__m256i v) { return widen(v); }
+#endif
 };
 
-struct Product {
-    const float* x;  // (m, k)
-    float* y;        // (m, n)
+// int8 values with a float scale per output row (groups == 1, any k) or per group of columns
+// (GGUF Q8_0: 32). A per-row scale multiplies the row's output once.
+struct Q8 {
+    const int8_t* q;
+    const float* s;
+    int64_t k, groups;
+    int64_t per_group = groups == 1 ? 0 : k / groups / BLOCK;  // 0: one scale for the row
+    int value(int64_t row, int64_t c) const { return q[row * k + c]; }
+    float scale(int64_t row, int64_t b) const { return per_group ? s[row * groups + b / per_group] : 1.0f; }
+    float row_scale(int64_t row) const { return per_group ? 1.0f : s[row]; }
+    float min_term(int64_t, const float*, int64_t) const { return 0.0f; }
+    void scales8(int64_t row, int64_t b0, float* out) const {
+        if (per_group == 1) std::memcpy(out, s + row * groups + b0, 8 * sizeof(float));
+        else if (per_group) group_scales(s + row * groups, per_group, b0, out, [](float v) { return v; });
+        else std::fill(out, out + 8, 1.0f);
+    }
+#if defined(LLK_INT_SIMD)
+    struct Block { __m128i lo, hi; };
+    Block block(int64_t row, int64_t b) const {
+        const int8_t* p = q + row * k + b * BLOCK;
+        if ((b + 1) * BLOCK <= k) return {load16(p), load16(p + 16)};
+        alignas(16) int8_t tail[BLOCK] = {};  // per-row scales allow any k: the last block is short
+        std::memcpy(tail, p, k - b * BLOCK);
+        return {load16(tail), load16(tail + 16)};
+    }
+    // The sign trick: |q| is unsigned and qx takes q's sign (zero where q is zero). Two int16 pair
+    // sums may exceed int16, so each half is widened to int32 here: 4 int32 sums.
+    static __m128i sums(const Block& w, const int8_t* x) {
+        const __m128i lo = dot_u8s8(_mm_sign_epi8(w.lo, w.lo), _mm_sign_epi8(load16(x), w.lo));
+        const __m128i hi = dot_u8s8(_mm_sign_epi8(w.hi, w.hi), _mm_sign_epi8(load16(x + 16), w.hi));
+#if defined(LLK_VNNI)
+        return _mm_add_epi32(lo, hi);
+#else
+        const __m128i ones = _mm_set1_epi16(1);
+        return _mm_add_epi32(_mm_madd_epi16(lo, ones), _mm_madd_epi16(hi, ones));
+#endif
+    }
+    static __m256i widen_sums(__m256i v) { return v; }
+#endif
+};
+
+struct QProduct {
+    const QuantizedX* x;
+    float* y;  // (m, n)
     int64_t m, k, n;
 };
 
-// acc[r][i] += weight row r's values at columns c + J.. times activation row i's, for J = J0,
-// J0 + W, .. < End: one weight vector loaded and dequantized per R * M products.
-template <class S, class Fmt, int R, int M, int J, int End>
-inline void step(const Fmt& f, const typename Fmt::template Params<S> (&par)[R], const float* x, int64_t k,
-                 int64_t row, int64_t c, typename S::V (&acc)[R][M]) {
-    if constexpr (J < End) {
-        for (int r = 0; r < R; ++r) {
-            const typename S::V w = f.template load<S, J>(row + r, par[r], c);
-            for (int i = 0; i < M; ++i) acc[r][i] = S::fma(w, S::load(x + i * k + c + J), acc[r][i]);
+#if defined(LLK_INT_SIMD)
+// acc[r][i] += blocks b and b + 4 (zero if !pair) of weight row row + r times activation row
+// i0 + i. Pairing b with b + 4 makes their scales (d * dx) one in-lane shuffle of 8 blocks' scales:
+// [s0..s3 | s4..s7] -> [s_j x4 | s_j+4 x4].
+template <class Fmt, int R, int M, int J>
+inline void qpair(const Fmt& f, const QuantizedX& x, int64_t row, int64_t i0, int64_t b, bool pair,
+                  const float (&scales)[R][M][8], __m256 (&acc)[R][M]) {
+    for (int r = 0; r < R; ++r) {
+        const typename Fmt::Block w0 = f.block(row + r, b);
+        const typename Fmt::Block w1 = pair ? f.block(row + r, b + 4) : typename Fmt::Block{};
+        for (int i = 0; i < M; ++i) {
+            const int8_t* qx = x.row_q(i0 + i) + b * BLOCK;
+            const __m128i s0 = Fmt::sums(w0, qx);
+            const __m128i s1 = pair ? Fmt::sums(w1, qx + 4 * BLOCK) : _mm_setzero_si128();
+            const __m256i both = Fmt::widen_sums(_mm256_inserti128_si256(_mm256_castsi128_si256(s0), s1, 1));
+            const __m256 scale = _mm256_permute_ps(_mm256_load_ps(scales[r][i]), J * 0x55);
+            acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(both), scale, acc[r][i]);
         }
-        step<S, Fmt, R, M, J + S::W, End>(f, par, x, k, row, c, acc);
     }
 }
+#endif
 
-// R weight rows from `row` times M activation rows from `i0`: R * M accumulators of W lanes.
-template <class S, class Fmt, int R, int M>
-void tile(const Fmt& f, const Product& p, int64_t row, int64_t i0) {
-    using T = typename S::V;
-    T acc[R][M];
-    float tail[R][M];
+// R weight rows from `row` times M activation rows from `i0`. Per block each product's 8 int32
+// partial sums become floats and meet the scale d * dx in a fused multiply-add: the accumulators
+// stay vectors, summed across lanes once at the end.
+template <class Fmt, int R, int M>
+void qtile(const Fmt& f, const QProduct& p, int64_t row, int64_t i0) {
+    const QuantizedX& x = *p.x;
+    float out[R][M];
+#if defined(LLK_INT_SIMD)
+    __m256 acc[R][M];
     for (int r = 0; r < R; ++r)
-        for (int i = 0; i < M; ++i) acc[r][i] = S::zero(), tail[r][i] = 0.0f;
-    const float* x = p.x + i0 * p.k;
-    const int64_t size = f.group();
-    for (int64_t g0 = 0, g = 0; g0 < p.k; g0 += size, ++g) {
-        const int64_t end = g0 + size;
-        typename Fmt::template Params<S> par[R];
-        for (int r = 0; r < R; ++r) par[r] = f.template params<S>(row + r, g);
-        int64_t c = g0;
-        for (; c + 32 <= end; c += 32) step<S, Fmt, R, M, 0, 32>(f, par, x, p.k, row, c, acc);
-        for (; c + S::W <= end; c += S::W) step<S, Fmt, R, M, 0, S::W>(f, par, x, p.k, row, c, acc);
-        if (c < end) {  // fp32 and per-row int8 only: k is not a multiple of W
-            typename Fmt::template Params<Scalar> one[R];
-            for (int r = 0; r < R; ++r) one[r] = f.template params<Scalar>(row + r, g);
-            for (; c < end; ++c) step<Scalar, Fmt, R, M, 0, 1>(f, one, x, p.k, row, c, tail);
+        for (int i = 0; i < M; ++i) acc[r][i] = _mm256_setzero_ps();
+    for (int64_t b0 = 0; b0 < x.blocks; b0 += 8) {
+        const int nb = static_cast<int>(std::min<int64_t>(8, x.blocks - b0));
+        alignas(32) float scales[R][M][8];  // d * dx of blocks b0..b0 + 7
+        for (int r = 0; r < R; ++r) {
+            alignas(32) float d[8] = {};
+            if (nb == 8) f.scales8(row + r, b0, d);
+            else
+                for (int j = 0; j < nb; ++j) d[j] = f.scale(row + r, b0 + j);
+            for (int i = 0; i < M; ++i)
+                _mm256_store_ps(scales[r][i], _mm256_mul_ps(_mm256_load_ps(d), _mm256_loadu_ps(x.row_d(i0 + i) + b0)));
+        }
+        if (nb == 8) {
+            qpair<Fmt, R, M, 0>(f, x, row, i0, b0 + 0, true, scales, acc);
+            qpair<Fmt, R, M, 1>(f, x, row, i0, b0 + 1, true, scales, acc);
+            qpair<Fmt, R, M, 2>(f, x, row, i0, b0 + 2, true, scales, acc);
+            qpair<Fmt, R, M, 3>(f, x, row, i0, b0 + 3, true, scales, acc);
+        } else {  // the row's last blocks: j < 4 meets j + 4 where that is in the row
+            if (nb > 0) qpair<Fmt, R, M, 0>(f, x, row, i0, b0 + 0, nb > 4, scales, acc);
+            if (nb > 1) qpair<Fmt, R, M, 1>(f, x, row, i0, b0 + 1, nb > 5, scales, acc);
+            if (nb > 2) qpair<Fmt, R, M, 2>(f, x, row, i0, b0 + 2, nb > 6, scales, acc);
+            if (nb > 3) qpair<Fmt, R, M, 3>(f, x, row, i0, b0 + 3, false, scales, acc);
         }
     }
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < M; ++i) out[r][i] = hsum(acc[r][i]);
+#else
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < M; ++i) {
+            const int8_t* qx = x.row_q(i0 + i);
+            float sum = 0.0f;
+            for (int64_t b = 0; b < x.blocks; ++b) {
+                int dot = 0;
+                for (int64_t c = b * BLOCK; c < std::min<int64_t>(p.k, (b + 1) * BLOCK); ++c)
+                    dot += f.value(row + r, c) * qx[c];
+                sum += f.scale(row + r, b) * x.row_d(i0 + i)[b] * static_cast<float>(dot);
+            }
+            out[r][i] = sum;
+        }
+#endif
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < M; ++i)
-            p.y[(i0 + i) * p.n + row + r] = (S::sum(acc[r][i]) + tail[r][i]) * f.row_scale(row + r);
+            p.y[(i0 + i) * p.n + row + r] =
+                (out[r][i] + f.min_term(row + r, x.row_s(i0 + i), x.blocks)) * f.row_scale(row + r);
 }
 
-// R weight rows against all activation rows, 4 at a time. At most 12 accumulators: AVX2 has 16
+template <class Fmt>
+struct QKernel {
+    // Weight rows per tile for m activation rows: a pair of blocks holds 4 vectors of weights, so
+    // at most 8 accumulators.
+    static int rows_per_tile(int64_t m) { return m <= 2 ? 4 : 2; }
+    Fmt f;
+    QProduct p;
+    template <int R, int M> void tile(int64_t row, int64_t i0) const { qtile<Fmt, R, M>(f, p, row, i0); }
+};
+
+// R weight rows against all m activation rows, 4 at a time. At most 12 accumulators: AVX2 has 16
 // vector registers, and the weight vector and an activation vector need two.
-template <class S, class Fmt, int R>
-void tiles(const Fmt& f, const Product& p, int64_t row) {
+template <class K, int R>
+void tiles(const K& kernel, int64_t m, int64_t row) {
     int64_t i0 = 0;
     if constexpr (R * 4 <= 12)
-        for (; i0 + 4 <= p.m; i0 += 4) tile<S, Fmt, R, 4>(f, p, row, i0);
-    for (; i0 + 3 <= p.m; i0 += 3) tile<S, Fmt, R, 3>(f, p, row, i0);
-    if (p.m - i0 == 2) tile<S, Fmt, R, 2>(f, p, row, i0);
-    if (p.m - i0 == 1) tile<S, Fmt, R, 1>(f, p, row, i0);
+        for (; i0 + 4 <= m; i0 += 4) kernel.template tile<R, 4>(row, i0);
+    for (; i0 + 3 <= m; i0 += 3) kernel.template tile<R, 3>(row, i0);
+    if (m - i0 == 2) kernel.template tile<R, 2>(row, i0);
+    if (m - i0 == 1) kernel.template tile<R, 1>(row, i0);
 }
 
-// Weight rows [r0, r1) against all activation rows: a block of 4 (or 3) weight rows stays in cache
+// Weight rows [r0, r1) against all m activation rows: a block of a few weight rows stays in cache
 // while it meets each group of activation rows.
-template <class S, class Fmt>
-void rows(const Fmt& f, const Product& p, int64_t r0, int64_t r1) {
-    const int block = p.m >= 4 ? 3 : 4;
+template <class K>
+void rows(const K& kernel, int64_t m, int64_t r0, int64_t r1) {
+    const int block = K::rows_per_tile(m);
     int64_t row = r0;
-    for (; row + block <= r1; row += block) block == 3 ? tiles<S, Fmt, 3>(f, p, row) : tiles<S, Fmt, 4>(f, p, row);
-    for (; row < r1; ++row) tiles<S, Fmt, 1>(f, p, row);
+    for (; row + block <= r1; row += block) {
+        if (block == 4) tiles<K, 4>(kernel, m, row);
+        else if (block == 3) tiles<K, 3>(kernel, m, row);
+        else tiles<K, 2>(kernel, m, row);
+    }
+    for (; row < r1; ++row) tiles<K, 1>(kernel, m, row);
 }
 
 // --- threads: a small persistent pool. Work is split into chunks of weight rows claimed from an
@@ -392,31 +625,38 @@ constexpr int64_t kMinParallelWeights = 1 << 18;
 // Chunks of about this many weights: small enough that a descheduled worker holds up little.
 constexpr int64_t kChunkWeights = 16 << 10;
 
-template <class Fmt>
+template <class K>
 struct Job {
-    Fmt f;
-    Product p;
-    int64_t chunk_rows;
+    const K& kernel;
+    int64_t m, n, chunk_rows;
     static void run_chunk(const void* ctx, int64_t c) {
         const Job& j = *static_cast<const Job*>(ctx);
-        const int64_t r0 = c * j.chunk_rows, r1 = std::min(j.p.n, r0 + j.chunk_rows);
-        rows<Simd>(j.f, j.p, r0, r1);
+        const int64_t r0 = c * j.chunk_rows, r1 = std::min(j.n, r0 + j.chunk_rows);
+        rows(j.kernel, j.m, r0, r1);
     }
 };
 
-template <class Fmt>
-void product(const Fmt& f, const Product& p) {
+// y (m, n) by the kernel's tiles, weight rows split between the pool's threads.
+template <class K>
+void product(const K& kernel, int64_t m, int64_t k, int64_t n) {
     const int threads = pool().threads();
-    if (threads == 1 || p.n * p.k < kMinParallelWeights) {
-        rows<Simd>(f, p, 0, p.n);
+    if (threads == 1 || n * k < kMinParallelWeights) {
+        rows(kernel, m, 0, n);
         return;
     }
     // Multiples of 12 rows (tiles of 3 or 4); at least 4 chunks per thread where n allows.
-    int64_t chunk_rows = std::max<int64_t>(1, kChunkWeights / p.k);
-    chunk_rows = std::min<int64_t>(chunk_rows, p.n / (4 * threads));
+    int64_t chunk_rows = std::max<int64_t>(1, kChunkWeights / k);
+    chunk_rows = std::min<int64_t>(chunk_rows, n / (4 * threads));
     chunk_rows = std::max<int64_t>(12, (chunk_rows + 11) / 12 * 12);
-    const Job<Fmt> job{f, p, chunk_rows};
-    pool().run(&Job<Fmt>::run_chunk, &job, (p.n + chunk_rows - 1) / chunk_rows);
+    const Job<K> job{kernel, m, n, chunk_rows};
+    pool().run(&Job<K>::run_chunk, &job, (n + chunk_rows - 1) / chunk_rows);
+}
+
+template <class Fmt>
+void quantized_product(const Fmt& f, const float* x, float* y, int64_t m, int64_t k, int64_t n) {
+    thread_local QuantizedX qx;  // reused: a decode step's products are the same few sizes
+    quantize_x(x, m, k, qx);
+    product(QKernel<Fmt>{f, QProduct{&qx, y, m, k, n}}, m, k, n);
 }
 
 }  // namespace
@@ -431,20 +671,19 @@ int llk_threads() { return pool().threads(); }
 
 // y (m, n) = x (m, k) @ w (n, k)^T
 void llk_linear_f32(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n) {
-    product(F32{w, k}, Product{x, y, m, k, n});
+    product(F32Kernel{Product{x, w, y, m, k, n}}, m, k, n);
 }
 
 // y = x @ (q * scale)^T; scale (n, groups): one float per output row and group of k / groups columns.
 void llk_linear_q8(const float* x, const int8_t* q, const float* scale, int64_t groups, float* y,
                    int64_t m, int64_t k, int64_t n) {
-    if (groups == 1) product(Q8Row{q, scale, k}, Product{x, y, m, k, n});
-    else product(Q8Group{q, scale, k, groups}, Product{x, y, m, k, n});
+    quantized_product(Q8{q, scale, k, groups}, x, y, m, k, n);
 }
 
 // y = x @ (d * q + m)^T; qs (n, k / 2) nibbles, d and mins (n, groups) fp16 bits; k / groups % 32 == 0.
 void llk_linear_q4(const float* x, const uint8_t* qs, const uint16_t* d, const uint16_t* mins, int64_t groups,
                    float* y, int64_t m, int64_t k, int64_t n) {
-    product(Q4{qs, d, mins, k, groups}, Product{x, y, m, k, n});
+    quantized_product(Q4{qs, d, mins, k, groups}, x, y, m, k, n);
 }
 
 }  // extern "C"

@@ -4,6 +4,9 @@ blocks, and how they dequantize (the reference the kernels agree with).
 - int8: q (n, k) int8 and float32 scales (n,) (one per output row, as llama/linear.py's
   pack_weight makes) or (n, k // 32) (one per GGUF Q8_0 block); value = q * scale.
 - 4-bit: Q4Weight, GGUF Q4_0/Q4_1 blocks with their scales pulled out beside the nibbles.
+
+Products with either quantize the activations too (quantize_activations_q8), per block of 32
+columns to int8, as llama.cpp's CPU backend does for Q4_0/Q4_1/Q8_0 weights.
 """
 
 from dataclasses import dataclass
@@ -11,6 +14,7 @@ from typing import Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 BLOCK = 32  # columns per GGUF block
 
@@ -85,6 +89,22 @@ def dequantize_q4(w: Q4Weight) -> torch.Tensor:
     qs = w.qs.view(n, k // BLOCK, BLOCK // 2)
     q = torch.cat([qs & 15, qs >> 4], dim=2).view(n, w.d.shape[1], w.group).float()
     return (q * w.d.float()[:, :, None] + w.m.float()[:, :, None]).view(n, k)
+
+
+def quantize_activations_q8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activations (..., k) -> (q, d, s) as the kernels quantize them, per block of 32 columns like
+    llama.cpp's Q8_0/Q8_1: q int8 (rows, blocks * 32) zero-padded past k, d float32 (rows, blocks)
+    = amax / 127, q = round_half_even(x * (127 / amax)) (0 where amax is 0), and s = d * sum(q)
+    (Q8_1's sum, which turns a 4-bit weight's min into one product per block)."""
+    k = x.shape[-1]
+    blocks = -(-k // BLOCK)
+    x = F.pad(x.reshape(-1, k).float(), (0, blocks * BLOCK - k)).view(-1, blocks, BLOCK)
+    amax = x.abs().amax(dim=2)
+    inverse = torch.where(amax != 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round(x * inverse[:, :, None]).to(torch.int8)
+    d = amax / 127
+    s = d * q.sum(dim=2, dtype=torch.int32).float()
+    return q.view(-1, blocks * BLOCK), d, s
 
 
 def _gguf_type(qtype: QType) -> int:
