@@ -34,13 +34,15 @@ def test_bench_quick_prints_every_row_and_valid_json(quick_run):
     table, result = quick_run
     rows = row_labels(table)
     for label in ("load time", "load peak RSS", "prefill 32 tokens", "prefill 128 tokens", "decode batch 1", "decode batch 4",
-                  "ragged batch", "even batch", "decode batch 1, compiled step", "prefill 128 tokens, bf16 weights",
+                  "ragged batch", "even batch", "decode batch 1, one busy process beside it",
+                  "decode batch 4, one busy process beside it", "decode batch 1, compiled step", "prefill 128 tokens, bf16 weights",
                   "decode batch 1, bf16 weights", "decode batch 4, bf16 weights", "prefill 128 tokens, int8 weights",
                   "decode batch 1, int8 weights", "decode batch 4, int8 weights", "decode batch 1, bf16 weights, compiled step",
                   "decode batch 1, int8 weights, compiled step"):
         assert any(r.startswith(label) for r in rows), f"no row {label!r} in:\n{table}"
     assert set(result["ours"]) == {"prefill_32", "prefill_128", "decode_b1", "decode_b4", "ragged", "even"}
     assert all(v > 0 for v in result["ours"].values())
+    assert set(result["contended"]) == {"decode_b1", "decode_b4"} and all(v > 0 for v in result["contended"].values())
     assert result["compiled"]["decode_b1"] > 0 and result["compiled"]["compile_seconds"] > 0
     for weight_format in ("bf16", "int8"):
         measured = result["weight_formats"][weight_format]
