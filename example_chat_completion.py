@@ -36,7 +36,8 @@ def main(
     message, and always ending with the user. `max_gen_len` is optional because chat models stop
     by themselves. Dialogs are answered in batches of `max_batch_size`.
     `device` (cuda, cpu, mps) and `dtype` (bf16, fp16, fp32) override the automatic choice.
-    `weight_format` (bf16, int8) stores the weights compactly: faster decoding, close but not exact.
+    `weight_format` (bf16, int8, int4) stores the weights compactly: faster decoding, close but not exact
+    (a GGUF file's Q4_0/Q4_1 blocks load as they are with int4, its Q8_0 blocks with int8).
     `compile` compiles the decode step with torch.compile: slower start, faster tokens.
     `stream` prints answers as they are generated (the default for the demo model).
     `threads` sets the CPU threads (default: the CPUs this process may use; or LLAMA_NUM_THREADS).

@@ -35,7 +35,8 @@ def main(
     Pretrained (not chat-tuned) models continue text: each prompt is the start of a text.
     `max_gen_len` bounds the continuation, since pretrained models rarely stop by themselves.
     `device` (cuda, cpu, mps) and `dtype` (bf16, fp16, fp32) override the automatic choice.
-    `weight_format` (bf16, int8) stores the weights compactly: faster decoding, close but not exact.
+    `weight_format` (bf16, int8, int4) stores the weights compactly: faster decoding, close but not exact
+    (a GGUF file's Q4_0/Q4_1 blocks load as they are with int4, its Q8_0 blocks with int8).
     `compile` compiles the decode step with torch.compile: slower start, faster tokens.
     `stream` prints answers as they are generated (the default for the demo model).
     `threads` sets the CPU threads (default: the CPUs this process may use; or LLAMA_NUM_THREADS).

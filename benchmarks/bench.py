@@ -427,7 +427,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--quick", action="store_true", help="short prompts and decodes: under a minute")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' side-by-side run")
-    p.add_argument("--weight-formats", dest="weight_formats", default="bf16,int8",
+    p.add_argument("--weight-formats", dest="weight_formats", default="bf16,int8,int4",
                    help="compact weight formats to measure beside exact fp32 (comma-separated; '' for none)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled decode step's row")
     p.add_argument("--no-contention", dest="contention", action="store_false",
@@ -484,7 +484,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         log("ceilings: matrix-vector bandwidth over a decode step's bytes, matrix-multiply FLOP/s")
         bandwidth = matvec_bandwidth(DTYPES[a.dtype], streamed_bytes, a.quick)
-        format_bandwidth = {"bf16": matvec_bandwidth(torch.bfloat16, 2 * n_streamed, a.quick), "int8": int8_matvec_bandwidth(n_streamed, a.quick)}
+        # int4 (llama.kernels) is held to fp32's streaming rate over its 5 bits a weight.
+        format_bandwidth = {"bf16": matvec_bandwidth(torch.bfloat16, 2 * n_streamed, a.quick), "int8": int8_matvec_bandwidth(n_streamed, a.quick), "int4": bandwidth}
         flops = matmul_flops(a.quick, DTYPES[a.dtype])
         # Compact formats multiply a prefill in bf16 only where that is fast (see llama.linear).
         format_flops = matmul_flops(a.quick, torch.bfloat16) if fast_bf16_products("cpu") else flops  # (formats run in fp32 only)
@@ -541,7 +542,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "decode_ceiling_tok_s": decode_ceiling, "prefill_ceiling_tok_s": prefill_ceiling,
         "ours": ours, "contended": contended, "demo": demo, "hf": theirs, "compiled": compiled, "llama_cpp": llama_cpp,
         "weight_formats": {
-            f: {**r, "decode_ceiling_tok_s": (format_bandwidth[f] / (n_streamed * {"bf16": 2, "int8": 1}[f])) if format_bandwidth[f] else None,
+            f: {**r, "decode_ceiling_tok_s": (format_bandwidth[f] / (n_streamed * {"bf16": 2, "int8": 1, "int4": 5 / 8}[f])) if format_bandwidth[f] else None,
                 "prefill_ceiling_tok_s": format_flops / (2 * n_streamed)}
             for f, r in formats.items()
         },

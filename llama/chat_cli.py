@@ -248,7 +248,7 @@ def main(
     Chat with a chat-tuned model (Llama 2 chat or Llama 3 instruct) until /quit or Ctrl-D.
     `max_seq_len` bounds the whole conversation: the oldest turns are dropped to fit it.
     `max_gen_len` caps each answer (chat models stop by themselves). `device` (cuda, cpu, mps)
-    and `dtype` (bf16, fp16, fp32) override the automatic choice; `weight_format` (bf16, int8)
+    and `dtype` (bf16, fp16, fp32) override the automatic choice; `weight_format` (bf16, int8, int4)
     stores the weights compactly: faster answers, close to but not exactly the model's own.
     `compile` compiles the decode step with torch.compile: slower start, faster answers.
     `threads` sets the CPU threads (default: the CPUs this process may use; or LLAMA_NUM_THREADS).

@@ -13,12 +13,15 @@ import re
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+import fairscale.nn.model_parallel.initialize as fs_init
+import numpy as np
 import torch
 from torch import nn
 
-from llama.linear import LocalProduct, pack_weight
+from llama import kernels
+from llama.linear import LocalProduct, Packed, check_int4_columns, pack_weight
 
 # Real Llama 2 shards carry this precomputed RoPE table, which the model computes itself.
 IGNORED_KEYS = frozenset({"rope.freqs"})
@@ -203,9 +206,16 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
+def tensor_shape(state_dict: Mapping[str, torch.Tensor], key: str) -> Tuple[int, ...]:
+    """A weight's shape, without reading it where the state_dict can tell (a converted source's
+    shard, llama.source.ConvertedShard, reads each tensor when accessed)."""
+    shape = getattr(state_dict, "shape", None)
+    return tuple(shape(key)) if callable(shape) else tuple(state_dict[key].shape)
+
+
 def load_into(
     model: nn.Module,
-    state_dict: Dict[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor],
     path: Path,
     device: torch.device,
     dtype: torch.dtype,
@@ -215,15 +225,18 @@ def load_into(
     and the linear layers' weights to weight_format if given (see llama.linear).
 
     Parameters are swapped (assign=True), not copied into, so the weights exist once in memory;
-    each is converted straight from the memory-mapped shard to its final format.
+    each is converted straight from the memory-mapped shard to its final format, one at a time
+    (a state_dict that reads tensors when accessed is never held whole). A state_dict with a
+    `blocks(key)` method (a GGUF source) gives quantized blocks that weight_format takes as they
+    are: Q4_0/Q4_1 under "int4", Q8_0 under "int8" and "int4".
     """
     expected = model.state_dict()
+    names = {k: k for k in state_dict}  # the model's key -> the checkpoint's
     if "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict:
-        embedding = state_dict["tok_embeddings.weight"]
-        if embedding.shape == expected["output.weight"].shape:
+        if tensor_shape(state_dict, "tok_embeddings.weight") == tuple(expected["output.weight"].shape):
             # Llama 3.2 1B/3B tie the output projection to the embedding (same vocabulary split).
-            state_dict = {**state_dict, "output.weight": embedding}
-    missing = [k for k in expected if k not in state_dict]
+            names["output.weight"] = "tok_embeddings.weight"
+    missing = [k for k in expected if k not in names]
     unexpected = [k for k in state_dict if k not in expected and k not in IGNORED_KEYS]
     if missing:
         raise CheckpointError(
@@ -233,29 +246,61 @@ def load_into(
     if unexpected:
         raise unexpected_weights_error(str(path), unexpected, model.params.n_layers, "params.json n_layers")
     mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        f"{k}: checkpoint {tensor_shape(state_dict, names[k])} vs model {tuple(v.shape)}"
         for k, v in expected.items()
-        if tuple(state_dict[k].shape) != tuple(v.shape)
+        if tensor_shape(state_dict, names[k]) != tuple(v.shape)
     ]
     if mismatched:
         raise CheckpointError(
             f"{path} does not match params.json and the model-parallel size: " + "; ".join(mismatched[:3])
         )
     linears = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, LocalProduct)}
+    if weight_format == "int4":
+        check_int4_columns({k: expected[k].shape[1] for k in linears}, fs_init.get_model_parallel_world_size())
     converted: Dict[str, torch.Tensor] = {}
-    by_source: Dict[int, torch.Tensor] = {}  # a tied output shares its embedding's converted memory
+    done: Dict[str, torch.Tensor] = {}  # by checkpoint key: a tied output shares its embedding's converted memory
     for k in expected:
-        source = state_dict[k]
+        name = names[k]
         if weight_format is not None and k in linears:
-            converted[k], linears[k].weight_scale = pack_weight(source, weight_format, device)
-        elif id(source) in by_source:
-            converted[k] = by_source[id(source)]
+            linears[k].store(*_packed(state_dict, name, weight_format, device))
+        elif name in done:
+            converted[k] = done[name]
         else:
-            converted[k] = by_source[id(source)] = source.to(device=device, dtype=dtype)
-        if converted[k].untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
-            _page_out(source)
+            source = state_dict[name]
+            converted[k] = done[name] = source.to(device=device, dtype=dtype)
+            if converted[k].untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
+                _page_out(source)
+            del source  # a converted source's tensor is freed before the next one is read
     model.requires_grad_(False)  # inference only; lets int8 weights be parameters
-    model.load_state_dict(converted, strict=True, assign=True)
+    result = model.load_state_dict(converted, strict=False, assign=True)
+    stored = [k for k in result.missing_keys if k not in linears or weight_format is None]
+    if stored or result.unexpected_keys:  # the checks above make this unreachable
+        raise CheckpointError(f"{path}: weights left unloaded {stored[:3]} or unused {result.unexpected_keys[:3]}")
+
+
+def _packed(state_dict: Mapping[str, torch.Tensor], key: str, weight_format: str, device: torch.device) -> Tuple[Packed, Optional[torch.Tensor]]:
+    """A linear weight in weight_format (pack_weight's result): from the source's quantized
+    blocks where they fit the format, copied as they are, else quantized from its floats."""
+    blocks = getattr(state_dict, "blocks", None)
+    found = blocks(key) if callable(blocks) else None
+    if found is not None and weight_format != "bf16":
+        qtype, data = found
+        packed: Optional[Tuple[Packed, Optional[torch.Tensor]]] = None
+        if weight_format == "int4" and qtype in ("Q4_0", "Q4_1"):
+            w = kernels.q4_from_gguf(data, qtype)
+            packed = kernels.Q4Weight(w.qs.to(device), w.d.to(device), w.m.to(device)), None
+        elif qtype == "Q8_0":
+            # Under int4 too: llama.cpp's Q4 files keep their embedding (the tied output) in Q8_0,
+            # and reading its blocks is exact where a second rounding to 4 bits is not.
+            q, scale = kernels.q8_from_gguf(data)
+            packed = q.to(device), scale.to(device)
+        if packed is not None:
+            _page_out_array(data)
+            return packed
+    source = state_dict[key]
+    packed = pack_weight(source, weight_format, device)
+    _page_out(source)
+    return packed
 
 
 _MADV_PAGEOUT = 21  # Linux 5.4+
@@ -269,10 +314,19 @@ def _page_out(t: torch.Tensor) -> None:
     MADV_PAGEOUT only reclaims (clean file pages are re-read if touched again), so it is safe for
     any tensor; where it is unsupported (not Linux, old kernel) nothing happens.
     """
-    if t.device.type != "cpu" or _libc is None:
+    if t.device.type == "cpu":
+        _page_out_range(t.data_ptr(), t.numel() * t.element_size())
+
+
+def _page_out_array(a: np.ndarray) -> None:
+    """_page_out for a numpy array (a GGUF file's memory-mapped blocks)."""
+    _page_out_range(a.__array_interface__["data"][0], a.nbytes)
+
+
+def _page_out_range(start: int, size: int) -> None:
+    if _libc is None:
         return
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
+    end = start + size
     first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
         _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)

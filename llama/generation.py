@@ -12,7 +12,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_rank
 
 from llama.args import ModelArgs
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, chat_format_for
-from llama.checkpoint import CheckpointError, check_model_parallel_size, load_into
+from llama.checkpoint import CheckpointError, check_model_parallel_size, load_into, tensor_shape
 from llama.distributed import (
     check_world_holds,
     default_device_and_dtype,
@@ -22,7 +22,7 @@ from llama.distributed import (
     select_dtype,
     wait_for_every_rank_to_load,
 )
-from llama.linear import check_weight_format
+from llama.linear import check_int4_columns, check_weight_format
 from llama.model import Transformer
 from llama.sampling_args import check_sampling_args
 from llama.source import open_checkpoint, open_tokenizer
@@ -80,8 +80,10 @@ class Llama:
 
         device defaults to this process's GPU, else the CPU; dtype (the compute dtype) to bf16 on
         GPUs that have it (fp16 otherwise) and float32 on the CPU. weight_format stores the linear
-        layers' weights compactly for faster decoding, at some accuracy: "bf16" or "int8" (per
-        output channel); None keeps Meta's exact numerics (see llama.linear). compile=True
+        layers' weights compactly for faster decoding, at some accuracy: "bf16", "int8" (per
+        output channel) or "int4" (groups of 32 columns); a GGUF file's Q4_0/Q4_1 blocks load
+        as they are under "int4", its Q8_0 blocks under "int8" and "int4"; None keeps Meta's exact
+        numerics and dequantizes a GGUF (see llama.linear). compile=True
         decodes with a torch.compile'd step (Transformer.decode): compiled at the first
         generate, then faster; logits equal to float rounding. threads: CPU threads to compute
         with (default $LLAMA_NUM_THREADS, else the CPUs this process may use, see llama.host).
@@ -108,6 +110,8 @@ class Llama:
             model_args.n_heads, model_args.n_kv_heads or model_args.n_heads,
             model_args.vocab_size if model_args.vocab_parallel_embedding else model_args.dim, mp_size, ckpt_dir,
         )
+        if weight_format == "int4":
+            check_int4_columns(_local_in_features(model_args, mp_size), mp_size)
         check_world_holds(mp_size)
         device = select_device(device)
         dtype = select_dtype(device, dtype)
@@ -490,12 +494,23 @@ def _check_vocab(args: ModelArgs, tokenizer: Tokenizer, tokenizer_path: str, ckp
         )
 
 
+def _local_in_features(args: ModelArgs, mp_size: int) -> dict:
+    """The input columns one process holds of each kind of linear weight (row-parallel ones split them)."""
+    from llama.convert.meta import ffn_hidden_dim
+
+    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    return {
+        "wq/wk/wv/w1/w3/output": args.dim,
+        "attention.wo": args.dim // mp_size,
+        "feed_forward.w2": hidden // mp_size,
+    }
+
+
 def _check_embedding_shape(checkpoint: dict, args: ModelArgs, mp_size: int, path, tokenizer_path: str) -> None:
     """The embedding's vocabulary side tells a wrong tokenizer apart from a right one (Llama 2 has no vocab_size)."""
-    weight = checkpoint.get("tok_embeddings.weight")
-    if weight is None:
+    if "tok_embeddings.weight" not in checkpoint:
         return  # load_into names the missing weight
-    rows = weight.shape[0] * (mp_size if args.vocab_parallel_embedding else 1)
+    rows = tensor_shape(checkpoint, "tok_embeddings.weight")[0] * (mp_size if args.vocab_parallel_embedding else 1)
     if rows != args.vocab_size:
         raise CheckpointError(
             f"the tokenizer {tokenizer_path!r} has {args.vocab_size} tokens but {path} embeds {rows}: "

@@ -12,11 +12,20 @@ local weight changes, so that a model can be loaded in a compact, lossy weight f
 - "int8": symmetric int8 per output channel with a float scale (a quarter of fp32's bytes). On
   the CPU a decode step uses torch's int8 weight-only kernel (activations rounded to bf16);
   elsewhere, and for a prefill, the weight is dequantized on the fly (to bf16 where bf16
-  products are fast: int8 values are exact in bf16).
+  products are fast: int8 values are exact in bf16). A GGUF file's Q8_0 weights are kept as
+  they are: int8 with one scale per block of 32 columns.
+- "int4": 4 bits per weight, asymmetric per group of 32 columns of a row (fp16 scale d and min
+  m, value = d * q + m, as GGUF Q4_1; about 5 bits a weight with the scales). A GGUF file's
+  Q4_0/Q4_1 weights are taken as they are, its Q8_0 ones as int8 blocks. A decode step on the
+  CPU multiplies through llama.kernels.linear_q4; a prefill, and any product on a GPU,
+  dequantizes the weight per product (to bf16 where bf16 products are fast).
+
+Compact formats are load-time only: such a model's state_dict holds the stored parts (int4:
+the packed nibbles as `weight`), which a later load_state_dict cannot take back.
 """
 
 import functools
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
@@ -29,8 +38,17 @@ from fairscale.nn.model_parallel.mappings import (
 )
 
 from llama import kernels
+from llama.kernels import Q4Weight
 
-WEIGHT_FORMATS = ("bf16", "int8")
+WEIGHT_FORMATS = ("bf16", "int8", "int4")
+
+# Columns per int4 group: GGUF's block, and what the CPU kernels are made for. A process's slice
+# of a row-parallel weight must hold whole groups.
+INT4_GROUP = kernels.BLOCK
+
+# Rows quantized at a time: bounds the float temporaries of packing a large weight (an
+# embedding-sized output projection) to a few MB instead of several copies of the weight.
+_PACK_ROWS = 4096
 
 # Up to this many rows a product is bound by reading the weight (a decode step): use the compact
 # weight as is. More rows (a prefill) are bound by arithmetic: compute in the activations' dtype.
@@ -40,18 +58,60 @@ DECODE_ROWS = 16
 def check_weight_format(weight_format: Optional[str]) -> None:
     if weight_format is not None and weight_format not in WEIGHT_FORMATS:
         raise ValueError(
-            f"unknown weight_format {weight_format!r}: use None (exact, Meta's numerics), 'bf16' or 'int8'"
+            f"unknown weight_format {weight_format!r}: use None (exact, Meta's numerics), 'bf16', 'int8' or 'int4'"
         )
 
 
-def pack_weight(weight: torch.Tensor, weight_format: str, device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """A checkpoint weight (out, in) in the given format -> (stored weight, per-row scale or None)."""
+def check_int4_columns(in_features: Dict[str, int], model_parallel_size: int) -> None:
+    """Every process's slice of every linear weight holds whole int4 groups. in_features maps a
+    layer's name to the input columns one process holds (a row-parallel weight's share)."""
+    for name, columns in in_features.items():
+        if columns % INT4_GROUP:
+            whole = columns * model_parallel_size
+            held = f"{columns} of its {whole} input columns on each of {model_parallel_size} processes" if model_parallel_size > 1 else f"{columns} input columns"
+            raise ValueError(
+                f"weight_format 'int4' quantizes groups of {INT4_GROUP} columns, but {name} has {held}, "
+                f"not a multiple of {INT4_GROUP}: use a model_parallel_size that leaves whole groups to each process "
+                "(fewer processes), or weight_format 'int8' or 'bf16'"
+            )
+
+
+Packed = Union[torch.Tensor, Q4Weight]
+
+
+def pack_weight(weight: torch.Tensor, weight_format: str, device: torch.device) -> Tuple[Packed, Optional[torch.Tensor]]:
+    """A checkpoint weight (out, in) in the given format -> (stored weight, per-row scale or None).
+
+    "bf16": (bf16 weight, None); "int8": (int8 weight, float32 scale per row); "int4": (Q4Weight
+    with groups of INT4_GROUP columns, None: the Q4Weight holds its scales). Quantized a few
+    thousand rows at a time, so that packing never holds more than a slice in float32.
+    """
     if weight_format == "bf16":
         return weight.to(device=device, dtype=torch.bfloat16), None
-    w = weight.to(device=device, dtype=torch.float32)
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    n, k = weight.shape
+    if weight_format == "int4":
+        if k % INT4_GROUP:
+            raise ValueError(f"weight_format 'int4': a weight with {k} columns does not split into groups of {INT4_GROUP}")
+        q = torch.empty(n, k // 2, dtype=torch.uint8, device=device)
+        d = torch.empty(n, k // INT4_GROUP, dtype=torch.float16, device=device)
+        m = torch.empty_like(d)
+        for rows, chunk in _row_chunks(weight, device):
+            part = kernels.quantize_q4(chunk, INT4_GROUP)
+            q[rows], d[rows], m[rows] = part.qs, part.d, part.m
+        return Q4Weight(q, d, m), None
+    q = torch.empty(n, k, dtype=torch.int8, device=device)
+    scale = torch.empty(n, dtype=torch.float32, device=device)
+    for rows, chunk in _row_chunks(weight, device):
+        scale[rows] = chunk.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q[rows] = torch.round(chunk / scale[rows, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
+
+
+def _row_chunks(weight: torch.Tensor, device: torch.device) -> Iterator[Tuple[slice, torch.Tensor]]:
+    """(rows, those rows in float32 on device), _PACK_ROWS at a time."""
+    for i in range(0, weight.shape[0], _PACK_ROWS):
+        rows = slice(i, min(i + _PACK_ROWS, weight.shape[0]))
+        yield rows, weight[rows].to(device=device, dtype=torch.float32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,11 +149,23 @@ def _native_rows(x: torch.Tensor) -> bool:
 class LocalProduct(torch.nn.Module):
     """x @ W.T with this process's slice of the weight, in whichever format it is stored.
 
-    `weight_scale` (a buffer outside the state_dict) is set by checkpoint.load_into for int8.
+    checkpoint.load_into sets the stored parts (store): `weight`, and buffers outside the
+    state_dict: `weight_scale` (int8: float32 per row, or per block of 32 columns for GGUF
+    Q8_0; int4: fp16 d per group) and `weight_min` (int4: fp16 m per group).
     """
 
     weight: torch.Tensor
     weight_scale: Optional[torch.Tensor]
+    weight_min: Optional[torch.Tensor]
+
+    def store(self, stored: Packed, scale: Optional[torch.Tensor] = None) -> None:
+        """Hold a packed weight (pack_weight's result, or GGUF blocks) in place of the weight."""
+        if isinstance(stored, Q4Weight):
+            stored, scale, minimum = stored.qs, stored.d, stored.m
+        else:
+            minimum = None
+        self.weight = torch.nn.Parameter(stored, requires_grad=False)
+        self.weight_scale, self.weight_min = scale, minimum
 
     def local_product(self, x: torch.Tensor) -> torch.Tensor:
         w, scale = self.weight, self.weight_scale
@@ -103,12 +175,17 @@ class LocalProduct(torch.nn.Module):
             if x.dtype == torch.float32 and w.is_contiguous() and _native_rows(x):
                 return kernels.linear_f32(x.contiguous(), w)
             return F.linear(x, w)
-        return compact_product(x, w, scale)
+        return compact_product(x, w, scale, self.weight_min)
 
 
-def compact_product(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """x @ W.T for a weight in a compact format: bf16 (scale None) or int8 with per-row scales."""
+def compact_product(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tensor], minimum: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ W.T for a weight in a compact format: bf16 (scale None), int8 with per-row or
+    per-block scales, or int4 (w the packed nibbles, scale and minimum its d and m per group)."""
     rows = x.numel() // x.shape[-1]
+    if minimum is not None:
+        return _int4_product(x, Q4Weight(w, scale, minimum), rows)
+    if scale is not None and scale.dim() == 2:
+        return _q8_block_product(x, w, scale, rows)
     if scale is not None:
         if _native_rows(x):
             return kernels.linear_q8(x.float().contiguous(), w, scale).to(x.dtype)
@@ -126,6 +203,30 @@ def compact_product(x: torch.Tensor, w: torch.Tensor, scale: Optional[torch.Tens
     if rows <= DECODE_ROWS or fast_bf16_products(x.device.type):
         return F.linear(x.to(w.dtype), w).to(x.dtype)
     return F.linear(x, w.to(x.dtype))
+
+
+def _unpacked_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a weight is dequantized to for a prefill: bf16 on CPUs with fast bf16 products,
+    else the activations' (a GPU's compute dtype; float32 on other CPUs)."""
+    return torch.bfloat16 if x.device.type == "cpu" and fast_bf16_products("cpu") else x.dtype
+
+
+def _int4_product(x: torch.Tensor, w: Q4Weight, rows: int) -> torch.Tensor:
+    """A decode step on the CPU reads the nibbles once (llama.kernels, or its torch reference
+    without a compiler); a prefill or a GPU dequantizes the weight for one matrix product.
+    torch's own int4 kernels (_weight_int4pack_mm) want another packing and are not used."""
+    if x.device.type == "cpu" and rows <= DECODE_ROWS:
+        return kernels.linear_q4(x.float().contiguous(), w).to(x.dtype)
+    dtype = _unpacked_dtype(x)
+    return F.linear(x.to(dtype), kernels.dequantize_q4(w).to(dtype)).to(x.dtype)
+
+
+def _q8_block_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """int8 with a scale per block of columns (GGUF Q8_0), as _int4_product."""
+    if x.device.type == "cpu" and rows <= DECODE_ROWS:
+        return kernels.linear_q8(x.float().contiguous(), q, scale).to(x.dtype)
+    dtype = _unpacked_dtype(x)
+    return F.linear(x.to(dtype), kernels.dequantize_q8(q, scale).to(dtype)).to(x.dtype)
 
 
 # torch.compiler.is_compiling is torch 2.3+; older versions keep it in torch._dynamo.
@@ -236,13 +337,14 @@ class FusedColumns(torch.nn.Module):
         super().__init__()
         self.sizes = [layer.weight.shape[0] for layer in layers]
         self.register_buffer("weight", torch.cat([layer.weight for layer in layers]), persistent=False)
-        scales = [layer.weight_scale for layer in layers]
-        scale = None if scales[0] is None else torch.cat(scales)
-        self.register_buffer("weight_scale", scale, persistent=False)
-        part_scales = [None] * len(layers) if scale is None else scale.split(self.sizes)
-        for layer, part, part_scale in zip(layers, self.weight.split(self.sizes), part_scales):
-            layer.weight = torch.nn.Parameter(part, requires_grad=False)
-            layer.weight_scale = part_scale
+        for name in ("weight_scale", "weight_min"):  # int8's scales, int4's d and m: one row per weight row
+            parts = [getattr(layer, name) for layer in layers]
+            self.register_buffer(name, None if parts[0] is None else torch.cat(parts), persistent=False)
+        for i, layer in enumerate(layers):
+            layer.weight = torch.nn.Parameter(self.weight.split(self.sizes)[i], requires_grad=False)
+            for name in ("weight_scale", "weight_min"):
+                fused = getattr(self, name)
+                setattr(layer, name, None if fused is None else fused.split(self.sizes)[i])
 
     def pays(self) -> bool:
         """Whether to multiply fused: always eagerly. Compiled, not where inductor generates the
@@ -251,15 +353,17 @@ class FusedColumns(torch.nn.Module):
         return not (is_compiling() and self.weight_scale is None and self.weight.numel() < _OPAQUE_MV_NUMEL)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        return compact_product(x, self.weight, self.weight_scale).split(self.sizes, dim=-1)
+        return compact_product(x, self.weight, self.weight_scale, self.weight_min).split(self.sizes, dim=-1)
 
 
 def _untouched_weight(layer: LocalProduct) -> None:
     """Replace the weight fairscale just filled (with more than one process it copies a slice of
-    an uninitialized master weight into it) by untouched memory, and add the int8 scale slot.
+    an uninitialized master weight into it) by untouched memory, and add the slots of the
+    compact formats' scales.
 
     The checkpoint overwrites every weight, so this keeps the garbage copy from adding a whole
     shard to the resident memory before loading.
     """
     layer.weight = torch.nn.Parameter(torch.empty_like(layer.weight), requires_grad=False)
     layer.register_buffer("weight_scale", None, persistent=False)
+    layer.register_buffer("weight_min", None, persistent=False)

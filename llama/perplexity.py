@@ -1,7 +1,7 @@
 """llama-perplexity: a model's perplexity on a text, measured as llama.cpp's perplexity tool does.
 
     llama-perplexity --ckpt_dir CKPT [--tokenizer_path T] --text FILE|shakespeare[:PLAY]
-        [--n_ctx 512] [--max_chunks N] [--batch_size 1] [--weight_format bf16|int8] [--device] [--dtype]
+        [--n_ctx 512] [--max_chunks N] [--batch_size 1] [--weight_format bf16|int8|int4] [--device] [--dtype]
 
 The method is llama.cpp's default one (`llama-perplexity -f FILE -c N_CTX`, no --ppl-stride), so
 the figures can be set beside its own:
@@ -228,7 +228,7 @@ def main(
     Print the perplexity of the checkpoint (Meta folder, Hugging Face folder or .gguf file) on
     `text` (a file, or `shakespeare[:PLAY]`, see llama/perplexity.py) over chunks of `n_ctx`
     tokens as llama.cpp's perplexity tool does; progress goes to stderr. `max_chunks` scores only
-    the first chunks; `batch_size` chunks are evaluated together. `weight_format` (bf16, int8),
+    the first chunks; `batch_size` chunks are evaluated together. `weight_format` (bf16, int8, int4),
     `device` and `dtype` as for Llama.build.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -8,11 +8,12 @@ nothing is written to disk except their tokenizer, rebuilt in a temporary folder
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
-from llama.checkpoint import checkpoint_paths, load_for_rank, read_params, resharded_state_dict
+from llama.checkpoint import CheckpointError, checkpoint_paths, load_for_rank, read_params, shard_dim
+from llama.kernels import BLOCK
 from llama.tokenizer import Tokenizer
 
 # What a Meta folder's tokenizer is called: Meta's own, or a converted byte-level BPE vocabulary.
@@ -35,16 +36,76 @@ class CheckpointSource:
         """Where params came from, for errors about their values."""
         return str(self.path / "params.json") if self.kind == "meta" else f"{self.path} (converted)"
 
-    def state_dict_for(self, rank: int, model_parallel_size: int, vocab_parallel_embedding: bool) -> Dict[str, torch.Tensor]:
+    def state_dict_for(self, rank: int, model_parallel_size: int, vocab_parallel_embedding: bool) -> Mapping[str, torch.Tensor]:
+        """This rank's weights: a Meta folder's (memory-mapped) shard, or a converted source's
+        slices, each read (and dequantized) only when accessed (ConvertedShard)."""
         if self.shards is not None:
             return load_for_rank(self.shards, rank, model_parallel_size, vocab_parallel_embedding)
-        return resharded_state_dict([self.tensors], rank, model_parallel_size, vocab_parallel_embedding)
+        return ConvertedShard(self.tensors, rank, model_parallel_size, vocab_parallel_embedding)
 
     def location(self, rank: int, model_parallel_size: int) -> Path:
         """The file errors about this rank's weights should name."""
         if self.shards is not None and len(self.shards) == model_parallel_size:
             return self.shards[rank]
         return self.path if self.shards is None else self.shards[0].parent
+
+
+class ConvertedShard(Mapping):
+    """One rank's slices of a converted checkpoint's full tensors, each read when accessed, so that
+    loading holds one converted tensor at a time (a GGUF's dequantized floats are never all in
+    memory at once). shape(key) reads nothing; blocks(key) gives a GGUF tensor's quantized blocks
+    of this rank's slice (MetaTensors.blocks; None where the slice would cut a block of BLOCK columns)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], rank: int, model_parallel_size: int, vocab_parallel_embedding: bool):
+        self.tensors = tensors
+        self.rank, self.size, self.vocab_parallel_embedding = rank, model_parallel_size, vocab_parallel_embedding
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self.tensors[key]
+        cut = self._cut(key)
+        if cut is None:
+            return t
+        dim, start, size = cut
+        # A copy of the slice: a view would keep the whole (dequantized) tensor alive.
+        return t.narrow(dim, start, size).clone()
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        shape = list(self.tensors.spec(key)[1])
+        cut = self._cut(key)
+        if cut is not None:
+            shape[cut[0]] = cut[2]
+        return tuple(shape)
+
+    def blocks(self, key: str) -> Optional[Tuple[str, Any]]:
+        found = self.tensors.blocks(key)
+        cut = self._cut(key)
+        if found is None or cut is None:
+            return found
+        qtype, data = found
+        dim, start, size = cut
+        if dim == 0:
+            return qtype, data[start : start + size]
+        if start % BLOCK or size % BLOCK:
+            return None
+        block_bytes = data.shape[1] // (self.tensors.spec(key)[1][1] // BLOCK)
+        return qtype, data[:, start // BLOCK * block_bytes : (start + size) // BLOCK * block_bytes]
+
+    def _cut(self, key: str) -> Optional[Tuple[int, int, int]]:
+        """(dim, start, size) of this rank's slice of key, None if it holds the whole tensor."""
+        dim = shard_dim(key, self.vocab_parallel_embedding)
+        if dim is None or self.size == 1:
+            return None
+        full = self.tensors.spec(key)[1][dim]
+        if full % self.size:
+            raise CheckpointError(f"{key}: size {full} along dim {dim} cannot be split in {self.size} equal parts")
+        size = full // self.size
+        return dim, self.rank * size, size
 
 
 def is_foreign(ckpt_dir: str) -> bool:

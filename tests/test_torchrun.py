@@ -133,3 +133,15 @@ def test_a_frozen_rank_ends_the_job_with_a_message_naming_it(sharded, llama3_tok
     assert "error: rank 1 did not answer within 10 s" in result.stderr, result.stderr[-3000:]
     assert "[rank0]: Traceback" not in result.stderr
     assert time.monotonic() - start < 120
+
+
+def test_int4_weights_on_two_processes_equal_one_process(sharded, llama3_tokenizer_path):
+    # int4 groups are 32 columns of a row; each process's slice of a row-parallel weight holds
+    # whole groups (checked at load), so the shards quantize to exactly the one process's weights.
+    folders = sharded("llama3")
+    common = ["example_text_completion.py", "--tokenizer_path", llama3_tokenizer_path, "--max_gen_len", 12,
+              "--temperature", 0, "--weight_format", "int4"]
+    one = run(common + ["--ckpt_dir", folders[1]])
+    two = run(common + ["--ckpt_dir", folders[2]], nproc=2)
+    assert one.stdout.count("==================================") == 4
+    assert two.stdout == one.stdout

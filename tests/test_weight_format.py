@@ -4,13 +4,15 @@ import pytest
 import torch
 
 import llama.linear
+from checkpoints import TINY_PARAMS, write_checkpoint
 from llama import Llama
+from llama.kernels import Q4Weight, dequantize_q4
 from llama.linear import DECODE_ROWS, LocalProduct
 
 PROMPT_ROWS = DECODE_ROWS + 8  # long enough to take the prefill path
 
 
-@pytest.fixture(scope="module", params=["bf16", "int8"])
+@pytest.fixture(scope="module", params=["bf16", "int8", "int4"])
 def compact(request, llama3_ckpt, llama3_tokenizer_path) -> Llama:
     return Llama.build(str(llama3_ckpt), str(llama3_tokenizer_path), max_seq_len=64, max_batch_size=2, weight_format=request.param)
 
@@ -24,12 +26,17 @@ def tokens(n: int) -> torch.Tensor:
 
 
 # Largest logit error allowed, as a fraction of the largest logit. int8 decoding also rounds
-# activations and products to bf16 (torch's int8 kernel), hence its wider bound.
-TOLERANCE = {"bf16": 0.02, "int8": 0.05}
+# activations and products to bf16 (torch's int8 kernel), hence its wider bound. int4 rounds each
+# weight to one of 16 levels (max - min) / 15 apart in its group of 32: on Gaussian weights an rms
+# error of ~8% of the weights' scale, and each of the ~5 products on a path through these two
+# layers adds its own: measured 0.15-0.19 here. test_int4_products_are_its_dequantized_weights
+# checks the int4 machinery itself tightly.
+TOLERANCE = {"bf16": 0.02, "int8": 0.05, "int4": 0.25}
 
 
 def weight_format(generator: Llama) -> str:
-    return "bf16" if generator.model.layers[0].attention.wq.weight_scale is None else "int8"
+    wq = generator.model.layers[0].attention.wq
+    return "bf16" if wq.weight_scale is None else "int4" if wq.weight_min is not None else "int8"
 
 
 def assert_close_logits(generator: Llama, got: torch.Tensor, want: torch.Tensor) -> None:
@@ -39,7 +46,7 @@ def assert_close_logits(generator: Llama, got: torch.Tensor, want: torch.Tensor)
 
 
 def test_linear_weights_are_stored_in_the_format(compact):
-    expected = {"bf16": torch.bfloat16, "int8": torch.int8}[weight_format(compact)]
+    expected = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}[weight_format(compact)]
     assert {w.dtype for w in linear_weights(compact)} == {expected}
 
 
@@ -113,5 +120,58 @@ def test_int8_weights_take_a_quarter_of_fp32(llama3_ckpt, llama3_tokenizer_path,
 
 
 def test_unknown_weight_format_is_named(llama3_ckpt, llama3_tokenizer_path):
-    with pytest.raises(ValueError, match="unknown weight_format 'int4'.*'bf16' or 'int8'"):
-        Llama.build(str(llama3_ckpt), str(llama3_tokenizer_path), max_seq_len=64, max_batch_size=2, weight_format="int4")
+    with pytest.raises(ValueError, match="unknown weight_format 'int3'.*'bf16', 'int8' or 'int4'"):
+        Llama.build(str(llama3_ckpt), str(llama3_tokenizer_path), max_seq_len=64, max_batch_size=2, weight_format="int3")
+
+
+@pytest.fixture(scope="module")
+def int4(llama3_ckpt, llama3_tokenizer_path) -> Llama:
+    return Llama.build(str(llama3_ckpt), str(llama3_tokenizer_path), max_seq_len=64, max_batch_size=2, weight_format="int4")
+
+
+@pytest.fixture(scope="module")
+def int4_as_floats(int4, llama3_ckpt, llama3_tokenizer_path) -> Llama:
+    """An exact model whose linear weights are the int4 model's, dequantized."""
+    exact = Llama.build(str(llama3_ckpt), str(llama3_tokenizer_path), max_seq_len=64, max_batch_size=2)
+    packed = dict(int4.model.named_modules())
+    for name, layer in exact.model.named_modules():
+        if isinstance(layer, LocalProduct):
+            q = packed[name]
+            layer.weight = torch.nn.Parameter(dequantize_q4(Q4Weight(q.weight, q.weight_scale, q.weight_min)), requires_grad=False)
+    return exact
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False], ids=["bf16-products", "upcast-products"])
+@pytest.mark.parametrize("rows", [1, 2, PROMPT_ROWS], ids=["decode-one-row", "decode-two-rows", "prefill"])
+def test_int4_products_are_its_dequantized_weights(int4, int4_as_floats, rows, fast_bf16, monkeypatch):
+    # The kernel (decode) and the dequantized product (prefill) multiply by exactly these weights:
+    # only float rounding differs (bf16 products: the activations' rounding).
+    monkeypatch.setattr(llama.linear, "fast_bf16_products", lambda device_type: fast_bf16)
+    x = tokens(PROMPT_ROWS)[:, :rows] if rows == PROMPT_ROWS else tokens(5)[:rows, :1]
+    got, want = int4.model.forward(x, 0), int4_as_floats.model.forward(x, 0)
+    tolerance = 0.02 if fast_bf16 and rows == PROMPT_ROWS else 1e-4
+    assert (got - want).abs().max() <= tolerance * want.abs().max()
+
+
+def test_int4_weights_take_five_bits_a_weight(int4, llama3):
+    # 4 bits a weight plus an fp16 scale and min per 32 weights: 5/32 of fp32's bytes.
+    fp32_bytes = sum(w.numel() * w.element_size() for w in linear_weights(llama3))
+    layers = [m for m in int4.model.modules() if isinstance(m, LocalProduct)]
+    int4_bytes = sum(t.numel() * t.element_size() for m in layers for t in (m.weight, m.weight_scale, m.weight_min))
+    assert int4_bytes * 32 == fp32_bytes * 5
+
+
+def test_int4_model_state_dict_holds_the_packed_weights(int4, llama3):
+    # Compact formats are load-time only, but a state_dict must still be taken (e.g. by tools that list weights).
+    state_dict = int4.model.state_dict()
+    assert state_dict.keys() == llama3.model.state_dict().keys()
+    wq = state_dict["layers.0.attention.wq.weight"]
+    assert wq.dtype == torch.uint8 and wq.shape[1] * 2 == llama3.model.layers[0].attention.wq.weight.shape[1]
+
+
+def test_int4_needs_whole_groups_on_each_process(tmp_path, llama3_tokenizer_path):
+    # multiple_of 16 gives an FFN width of 176: 88 columns of w2 on each of 2 processes.
+    params = {**TINY_PARAMS, "n_kv_heads": 4, "multiple_of": 16, "vocab_size": 128256, "rope_theta": 500000.0}
+    folder = write_checkpoint(tmp_path, params, {"tok_embeddings.weight": torch.zeros(1, 1)})  # never read
+    with pytest.raises(ValueError, match="groups of 32 columns, but feed_forward.w2 has 88 of its 176 input columns on each of 2 processes"):
+        Llama.build(str(folder), str(llama3_tokenizer_path), max_seq_len=64, max_batch_size=2, model_parallel_size=2, weight_format="int4")

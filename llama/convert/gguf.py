@@ -35,6 +35,8 @@ _META_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 # llama.cpp stores Llama 3.1's RoPE scaling as per-frequency divisors in this tensor.
 ROPE_FREQS = "rope_freqs.weight"
 
+# Quantizations whose blocks (32 columns each) a compact weight format takes as they are (blocks()).
+KEPT_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 _REQUIRED = object()
 
@@ -72,7 +74,8 @@ def gguf_name(meta_key: str) -> str:
 def read_gguf_as_meta(path: Path) -> Tuple[Dict[str, Any], MetaTensors]:
     """params.json values and Meta-named full tensors of a Llama GGUF file.
 
-    Float tensors keep their dtype (F32, F16, BF16); quantized ones are dequantized to float32.
+    Float tensors keep their dtype (F32, F16, BF16); quantized ones are dequantized to float32,
+    and their raw blocks of KEPT_TYPES are also offered as they are (MetaTensors.blocks).
     Raises CheckpointError for another architecture, settings our model does not implement,
     unknown tensors or a quantization type the gguf package cannot dequantize.
     """
@@ -115,7 +118,14 @@ def read_gguf_as_meta(path: Path) -> Tuple[Dict[str, Any], MetaTensors]:
     def load(key: str) -> torch.Tensor:
         return _to_torch(gguf, tensors[names[key]], specs[key][1])
 
-    return params, MetaTensors(specs, load, str(path))
+    def blocks(key: str) -> Optional[Tuple[str, Any]]:
+        # Block rows are weight rows: llama.cpp's q/k rows are already in Meta's order (no
+        # permutation here), so the blocks are the weight as Meta's model reads it.
+        t = tensors[names[key]]
+        kind = t.tensor_type.name
+        return (kind, t.data) if kind in KEPT_TYPES and t.data.ndim == 2 else None
+
+    return params, MetaTensors(specs, load, str(path), blocks)
 
 
 def _params(path: Path, field, tensors: Dict[str, Any]) -> Dict[str, Any]:

@@ -49,11 +49,20 @@ class MetaTensors(Mapping):
 
     `spec(key)` gives (dtype, shape) without reading anything. Each access reads (and for
     quantized GGUF tensors dequantizes) the tensor again; take `dict(tensors)` to keep them.
+    `blocks(key)` gives a quantized tensor's own blocks instead: (GGUF type name, the raw bytes
+    as a uint8 array (rows, row_bytes)), or None for a float tensor or a source without blocks.
     """
 
-    def __init__(self, specs: Dict[str, TensorSpec], load: Callable[[str], torch.Tensor], source: str):
+    def __init__(
+        self,
+        specs: Dict[str, TensorSpec],
+        load: Callable[[str], torch.Tensor],
+        source: str,
+        blocks: Optional[Callable[[str], Optional[Tuple[str, Any]]]] = None,
+    ):
         self._specs = specs
         self._load = load
+        self._blocks = blocks
         self.source = source
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -69,6 +78,11 @@ class MetaTensors(Mapping):
 
     def spec(self, key: str) -> TensorSpec:
         return self._specs[key]
+
+    def blocks(self, key: str) -> Optional[Tuple[str, Any]]:
+        if key not in self._specs:
+            raise KeyError(key)
+        return None if self._blocks is None else self._blocks(key)
 
     @property
     def tied(self) -> bool:
