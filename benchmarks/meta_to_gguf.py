@@ -53,6 +53,8 @@ def write_gguf(ckpt_dir: Path, vocab_gguf: Path, out: Path, outtype: str = "f32"
                 writer.add_array(key, value)
             elif isinstance(value, str):
                 writer.add_string(key, value)
+            elif isinstance(value, bool):  # before int: llama.cpp refuses a flag stored as a number
+                writer.add_bool(key, value)
             else:
                 writer.add_uint32(key, int(value))
 
