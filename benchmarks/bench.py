@@ -275,6 +275,9 @@ def bench_variant(ckpt_dir: Path, tokenizer: Path, dtype: str, plan: dict, exact
     return r
 
 
+# Which of llama.cpp's GGUFs each compact format is shown against.
+RIVAL_GGUF = {"bf16": "f16", "int4": "q4"}
+
 # Rounds of batch-1 decoding taken in turns with llama.cpp: the machine's speed drifts (by up to
 # a quarter on a shared host), and turns expose both to the same drift.
 RIVAL_ROUNDS = 3
@@ -437,6 +440,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--llama-cpp", dest="llama_cpp", metavar="GGUF",
                    help="also time llama.cpp (llama-cpp-python) on this GGUF of the same weights, in the compute dtype")
     p.add_argument("--llama-cpp-f16", dest="llama_cpp_f16", metavar="GGUF", help="... and on this F16 GGUF, beside the bf16 weights row")
+    p.add_argument("--llama-cpp-q4", dest="llama_cpp_q4", metavar="GGUF", help="... and on this Q4_0/Q4_1 GGUF, beside the int4 weights row")
     a = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -494,7 +498,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         def rival(key: str) -> Optional[LlamaCpp]:
             """llama.cpp on the GGUF given for this row, if one was given (loaded only when needed)."""
-            gguf = {"exact": a.llama_cpp, "f16": a.llama_cpp_f16}[key]
+            gguf = {"exact": a.llama_cpp, "f16": a.llama_cpp_f16, "q4": a.llama_cpp_q4}[key]
             if not gguf:
                 return None
             log(f"llama.cpp on {gguf}")
@@ -517,7 +521,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         if a.dtype == "fp32" and a.weight_formats:
             for weight_format in a.weight_formats.split(","):
                 log(f"our Llama.generate with {weight_format} weights")
-                cpp = rival("f16") if weight_format == "bf16" else None
+                cpp = rival(RIVAL_GGUF[weight_format]) if weight_format in RIVAL_GGUF else None
                 formats[weight_format] = bench_variant(ckpt_dir, tokenizer, a.dtype, plan, exact, weight_format, rival=cpp)
                 if a.compile:
                     log(f"our Llama.generate with {weight_format} weights and a compiled decode step")
@@ -614,7 +618,7 @@ def render_table(r: dict) -> str:
         add("README's main command (demo model, six dialogs)", f"{d['wall_seconds']:.1f} s, first text at {d['first_text_seconds']:.1f} s",
             none, none, none)
     for weight_format, f in r.get("weight_formats", {}).items():
-        f16_cpp = llama_cpp.get("f16", {}) if weight_format == "bf16" else {}
+        f16_cpp = llama_cpp.get(RIVAL_GGUF.get(weight_format, ""), {})
         n = max(plan["prefill"])
         tok_s(f"prefill {n} tokens, {weight_format} weights", f[f"prefill_{n}"], f["prefill_ceiling_tok_s"], cpp=f16_cpp.get(f"prefill_{n}"))
         label = f"decode batch 1, {weight_format} weights (greedy answers = exact for their first {f['greedy_agreement']:.0%})"
