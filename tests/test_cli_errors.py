@@ -53,7 +53,7 @@ def test_llama_debug_shows_the_traceback(tmp_path):
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_unknown_weight_format_is_one_line(command, tmp_path):
-    assert_one_line_error(run(COMMANDS[command] + ["--ckpt_dir", tmp_path, "--weight_format", "int4"]), "unknown weight_format 'int4'")
+    assert_one_line_error(run(COMMANDS[command] + ["--ckpt_dir", tmp_path, "--weight_format", "int3"]), "unknown weight_format 'int3'")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
