@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank
 
+from llama import kernels
 from llama.args import ModelArgs
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, chat_format_for
 from llama.checkpoint import CheckpointError, check_model_parallel_size, load_into, tensor_shape
@@ -22,12 +23,12 @@ from llama.distributed import (
     select_dtype,
     wait_for_every_rank_to_load,
 )
+from llama.host import cache_root, configure_threads
 from llama.linear import check_int4_columns, check_weight_format
 from llama.model import Transformer
 from llama.sampling_args import check_sampling_args
 from llama.source import open_checkpoint, open_tokenizer
 from llama.stream import StreamEvent, stream_steps
-from llama.host import cache_root, configure_threads
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class Llama:
         check_world_holds(mp_size)
         device = select_device(device)
         dtype = select_dtype(device, dtype)
-        configure_threads(threads)
+        kernels.set_num_threads(configure_threads(threads))
         if compile and device.type == "cpu":
             _check_cpp_compiler()
         if compile:

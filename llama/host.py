@@ -16,8 +16,6 @@ from typing import Optional
 
 import torch
 
-from llama import kernels
-
 logger = logging.getLogger(__name__)
 
 ENV = "LLAMA_NUM_THREADS"
@@ -71,11 +69,10 @@ def choose_threads(threads: Optional[int] = None) -> int:
 
 
 def configure_threads(threads: Optional[int] = None) -> int:
-    """Set torch's and llama.kernels' CPU thread count to choose_threads(threads); log it once."""
+    """Set torch's CPU thread count to choose_threads(threads) and return it; log it once."""
     n = choose_threads(threads)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
-    kernels.set_num_threads(n)
     if not getattr(configure_threads, "logged", False):
         source = "threads=" if threads is not None else (ENV if os.environ.get(ENV) else "CPU affinity / quota")
         logger.info("Computing with %d CPU thread%s (from %s)", n, "" if n == 1 else "s", source)

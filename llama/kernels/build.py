@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from llama.host import cache_root
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.cpp")
@@ -33,7 +35,7 @@ def find_compiler() -> Optional[str]:
     candidates = [os.environ.get("CXX")]
     inductor = sys.modules.get("torch._inductor.config")
     if inductor is not None:
-        cxx = inductor.cpp.cxx
+        cxx = getattr(getattr(inductor, "cpp", None), "cxx", None)  # not in every torch version
         candidates += list(cxx) if isinstance(cxx, (tuple, list)) else [cxx]
     candidates += ["c++", "g++", "clang++"]
     for name in candidates:
@@ -53,18 +55,13 @@ def cpu_flags() -> str:
     return platform.machine() + " " + platform.processor()
 
 
-def cache_root() -> Path:
-    base = os.environ.get("LLAMA_CACHE")
-    return Path(base) / "kernels" if base else Path.home() / ".cache" / "llama" / "kernels"
-
-
 def library_path(compiler: str, flags: Sequence[str] = FLAGS) -> Path:
     """Where the build for this source, compiler (and its version), flags and CPU lives."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     key = hashlib.sha256()
     for part in (SOURCE.read_text(), compiler, version, " ".join(flags), cpu_flags()):
         key.update(part.encode() + b"\0")
-    return cache_root() / key.hexdigest()[:16] / "cpu.so"
+    return cache_root() / "kernels" / key.hexdigest()[:16] / "cpu.so"
 
 
 def build(compiler: str, flags: Sequence[str] = FLAGS) -> Path:
