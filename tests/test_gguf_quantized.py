@@ -136,11 +136,12 @@ def test_smollm2_q4_1_weights_are_the_files_bit_for_bit(smollm2_int4, smollm2_gg
 
 
 def test_smollm2_int4_logits_equal_the_dequantized_files(smollm2_int4, smollm2_gguf_path):
-    # The same weights as the exact (dequantizing) load: only the products' float rounding differs,
-    # for a prefill (dequantized per product) and a decode step (llama.kernels).
+    # The same weights as the exact (dequantizing) load; products of up to 16 rows (llama.kernels)
+    # also round the activations to int8 per 32 columns, as llama.cpp's do: over 30 layers the
+    # logits move by up to ~3% of their scale (measured), and the next token stays the same.
     exact = Llama.build(str(smollm2_gguf_path), None, max_seq_len=64, max_batch_size=1)
     tokens = torch.tensor([smollm2_int4.tokenizer.encode("The capital of France is the city of", bos=True, eos=False)])
     for start, part in ((0, tokens[:, :-1]), (tokens.shape[1] - 1, tokens[:, -1:])):
         got, want = smollm2_int4.model.forward(part, start), exact.model.forward(part, start)
-        torch.testing.assert_close(got, want, atol=2e-3 * want.abs().max().item(), rtol=0)
+        torch.testing.assert_close(got, want, atol=5e-2 * want.abs().max().item(), rtol=0)
         assert torch.equal(got[:, -1].argmax(-1), want[:, -1].argmax(-1))

@@ -144,12 +144,13 @@ def int4_as_floats(int4, llama3_ckpt, llama3_tokenizer_path) -> Llama:
 @pytest.mark.parametrize("fast_bf16", [True, False], ids=["bf16-products", "upcast-products"])
 @pytest.mark.parametrize("rows", [1, 2, PROMPT_ROWS], ids=["decode-one-row", "decode-two-rows", "prefill"])
 def test_int4_products_are_its_dequantized_weights(int4, int4_as_floats, rows, fast_bf16, monkeypatch):
-    # The kernel (decode) and the dequantized product (prefill) multiply by exactly these weights:
-    # only float rounding differs (bf16 products: the activations' rounding).
+    # The kernel (decode) and the dequantized product (prefill) multiply by exactly these weights.
+    # A prefill differs by float rounding (bf16 products: the activations' rounding to bf16); a
+    # decode step by the kernel's rounding of the activations to int8 per 32 columns.
     monkeypatch.setattr(llama.linear, "fast_bf16_products", lambda device_type: fast_bf16)
     x = tokens(PROMPT_ROWS)[:, :rows] if rows == PROMPT_ROWS else tokens(5)[:rows, :1]
     got, want = int4.model.forward(x, 0), int4_as_floats.model.forward(x, 0)
-    tolerance = 0.02 if fast_bf16 and rows == PROMPT_ROWS else 1e-4
+    tolerance = 1e-4 if rows == PROMPT_ROWS and not fast_bf16 else 0.02  # measured: 1.1-1.3% for decode
     assert (got - want).abs().max() <= tolerance * want.abs().max()
 
 
