@@ -6,9 +6,13 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from llama.checkpoint import CheckpointError
-
 logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or shard (params.json included) that cannot be used, with what to do
+    about it. Defined here, where params.json is checked, so that llama.checkpoint can depend on
+    this module and not the reverse; llama.checkpoint exports it too."""
 
 
 @dataclass

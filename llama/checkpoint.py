@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from llama import kernels
+import llama.kernels as kernels
+from llama.args import CheckpointError, check_params
 from llama.linear import LocalProduct, Packed, check_int4_columns, pack_weight
 
 # Real Llama 2 shards carry this precomputed RoPE table, which the model computes itself.
@@ -55,10 +56,6 @@ def shard_dim(key: str, vocab_parallel_embedding: bool) -> Optional[int]:
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.")
 
 _REDOWNLOAD = "The file is damaged or incomplete; check it (md5sum -c checklist.chk) and download it again."
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or shard that cannot be used, with what to do about it."""
 
 
 def unexpected_weights_error(
@@ -102,8 +99,6 @@ def checkpoint_paths(ckpt_dir: str) -> List[Path]:
 
 def read_params(ckpt_dir: str) -> Dict[str, Any]:
     """ckpt_dir's params.json, its values checked (llama.args.check_params) before anything is built from them."""
-    from llama.args import check_params  # llama.args imports this module
-
     path = Path(ckpt_dir) / "params.json"
     params = read_json_object(path)
     check_params(params, str(path))

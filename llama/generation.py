@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank
 
-from llama import kernels
+import llama.kernels as kernels
 from llama.args import ModelArgs
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message, chat_format_for
 from llama.checkpoint import CheckpointError, check_model_parallel_size, load_into, tensor_shape

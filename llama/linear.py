@@ -37,7 +37,7 @@ from fairscale.nn.model_parallel.mappings import (
     scatter_to_model_parallel_region,
 )
 
-from llama import kernels
+import llama.kernels as kernels
 from llama.kernels import Q4Weight
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4")
