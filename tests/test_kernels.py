@@ -126,6 +126,15 @@ def test_kernels_quantize_activations_as_quantize_activations_q8(native):
     assert torch.equal(y, _dequantized_activations(x))
 
 
+def test_quantize_activations_q8_divides_as_the_kernels_do(native):
+    """127 / amax is a true division on both sides: torch's `127 / tensor` multiplies by a rounded
+    reciprocal, which moves a few of these 98304 blocks' values to the other side of a half."""
+    k = 96
+    x = torch.randn(32768, k, generator=torch.Generator().manual_seed(0))
+    y = kernels.linear_q8(x, torch.eye(k, dtype=torch.int8), torch.ones(k, k // 32))
+    assert torch.equal(y, _dequantized_activations(x))
+
+
 def test_quantize_activations_q8_rounds_per_block_half_to_even():
     x = torch.zeros(1, 40)
     x[0, :4] = torch.tensor([127.0, 2.5, -3.5, 0.5])  # the block's scale is 1

@@ -100,7 +100,8 @@ def quantize_activations_q8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor
     blocks = -(-k // BLOCK)
     x = F.pad(x.reshape(-1, k).float(), (0, blocks * BLOCK - k)).view(-1, blocks, BLOCK)
     amax = x.abs().amax(dim=2)
-    inverse = torch.where(amax != 0, 127 / amax, torch.zeros_like(amax))
+    # A true division, as in C++: `127 / amax` on a tensor multiplies by a rounded reciprocal.
+    inverse = torch.where(amax != 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     q = torch.round(x * inverse[:, :, None]).to(torch.int8)
     d = amax / 127
     s = d * q.sum(dim=2, dtype=torch.int32).float()
