@@ -9,10 +9,10 @@ from typing import List, Optional
 import fire
 
 from llama import Dialog, Llama
-from llama.cli_errors import reported_errors
-from llama.demo import checkpoint_or_demo, demo_settings
-from llama.sampling_args import check_sampling_args
-from llama.stream import print_in_order
+from llama.args import check_sampling_args
+from llama.cli.demo import checkpoint_or_demo, demo_settings
+from llama.cli.errors import reported_errors
+from llama.decoding.stream import print_in_order
 
 
 def main(

@@ -27,10 +27,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "llama-reshard=llama.reshard:cli",
-            "llama-chat=llama.chat_cli:cli",
-            "llama-convert=llama.convert.cli:cli",
-            "llama-perplexity=llama.perplexity:cli",
+            "llama-reshard=llama.cli.reshard:cli",
+            "llama-chat=llama.cli.chat:cli",
+            "llama-convert=llama.cli.convert:cli",
+            "llama-perplexity=llama.cli.perplexity:cli",
         ],
     },
 )

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from llama.linear import fast_bf16_products  # noqa: E402
+from llama.layers.linear import fast_bf16_products  # noqa: E402
 
 # Shapes of the named models. SmolLM2's own vocabulary (49152) has no Llama tokenizer: it gets
 # Llama 2's 32000 (the closest), and like SmolLM2 it ties the output to the embedding.
@@ -57,6 +57,7 @@ def tokenizer_for(family: str) -> Path:
 def write_synthetic(name: str, folder: Path, vocab_size: int) -> Path:
     """Random bf16 weights with the named model's shapes, saved as Meta saves them."""
     from checkpoints import random_state_dict, write_checkpoint
+
     from llama.args import ModelArgs
 
     spec = MODELS[name]
@@ -333,9 +334,9 @@ def run_plan(generate, plan: dict, ragged: bool, rival: Optional["LlamaCpp"] = N
 # --- transformers' Llama on the same weights --------------------------------------------------
 
 def to_hf_state_dict(sd: Dict[str, torch.Tensor], n_heads: int, n_kv_heads: int) -> Dict[str, torch.Tensor]:
-    """Meta's keys and interleaved RoPE rows -> transformers' keys and rotate-half rows (llama.convert)."""
-    from llama.checkpoint import IGNORED_KEYS
-    from llama.convert.hf import hf_name, to_rotate_half
+    """Meta's keys and interleaved RoPE rows -> transformers' keys and rotate-half rows (llama.checkpoints.convert)."""
+    from llama.checkpoints.hf import hf_name, to_rotate_half
+    from llama.checkpoints.meta import IGNORED_KEYS
 
     rope_heads = {"attention.wq.weight": n_heads, "attention.wk.weight": n_kv_heads}
     out = {}
@@ -355,9 +356,9 @@ def bench_hf(ckpt_dir: Path, vocab_size: int, dtype: str, plan: dict) -> Optiona
         log("transformers is not installed: no comparison")
         return None
     from checkpoints import ffn_hidden_dim
-    from llama.args import ModelArgs
-    from llama.checkpoint import load_shard, read_params
-    from llama.convert.meta import LLAMA3_ROPE_SCALING
+
+    from llama.args import LLAMA3_ROPE_SCALING, ModelArgs
+    from llama.checkpoints.meta import load_shard, read_params
 
     params = read_params(str(ckpt_dir))
     args = ModelArgs.from_params({**params, "vocab_size": vocab_size})
@@ -475,7 +476,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         load = measure_load(ckpt_dir, tokenizer, a.dtype)
         base = baseline_rss()
 
-        from llama.checkpoint import load_shard
+        from llama.checkpoints.meta import load_shard
 
         shards = [load_shard(path) for path in sorted(ckpt_dir.glob("*.pth"))]
         n_params = sum(v.numel() for sd in shards for k, v in sd.items() if k != "rope.freqs")
@@ -491,7 +492,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         # int4 (llama.kernels) is held to fp32's streaming rate over its 5 bits a weight.
         format_bandwidth = {"bf16": matvec_bandwidth(torch.bfloat16, 2 * n_streamed, a.quick), "int8": int8_matvec_bandwidth(n_streamed, a.quick), "int4": bandwidth}
         flops = matmul_flops(a.quick, DTYPES[a.dtype])
-        # Compact formats multiply a prefill in bf16 only where that is fast (see llama.linear).
+        # Compact formats multiply a prefill in bf16 only where that is fast (see llama.layers.linear).
         format_flops = matmul_flops(a.quick, torch.bfloat16) if fast_bf16_products("cpu") else flops  # (formats run in fp32 only)
 
         llama_cpp: Dict[str, Dict[str, float]] = {}

@@ -2,7 +2,7 @@
 
     python benchmarks/meta_to_gguf.py CKPT_DIR VOCAB_GGUF OUT.gguf [--outtype f32|f16]
 
-CKPT_DIR is anything llama.convert reads (a Meta folder, e.g. a synthetic benchmark model).
+CKPT_DIR is anything llama.checkpoints.convert reads (a Meta folder, e.g. a synthetic benchmark model).
 The vocabulary comes from VOCAB_GGUF, one of llama.cpp's own vocabulary files
 (`ggml-vocab-llama-spm.gguf` for Llama 2, `ggml-vocab-llama-bpe.gguf` for Llama 3, in the
 llama-cpp-python sdist), whose `tokenizer.*` metadata is copied as is. llama.cpp keeps q/k in
@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama.convert import read_as_meta  # noqa: E402
-from llama.convert.gguf import ROPE_FREQS, gguf_name, import_gguf, llama31_rope_divisors  # noqa: E402
-from llama.convert.meta import ffn_hidden_dim  # noqa: E402
+from llama.args import ffn_hidden_dim  # noqa: E402
+from llama.checkpoints.gguf import ROPE_FREQS, gguf_name, import_gguf, llama31_rope_divisors  # noqa: E402
+from llama.checkpoints.source import read_as_meta  # noqa: E402
 
 NUMPY_DTYPES = {"f32": "float32", "f16": "float16"}
 

@@ -3,7 +3,7 @@
     python benchmarks/perplexity.py [--formats exact,bf16,int8] [--n_ctx 512] [--max_chunks 16]
         [--play tempest_gut.txt] [--gguf PATH] [--llama-cpp A.gguf [B.gguf ...]] [--json out.json]
 
-Each row is `Llama.build(GGUF, weight_format=...)` scored by llama.perplexity in a fresh process
+Each row is `Llama.build(GGUF, weight_format=...)` scored by llama.cli.perplexity in a fresh process
 (so its peak RSS is its own) on the same tokens: "exact" is the GGUF's own Q4_1 weights
 dequantized to fp32; the others re-store those weights in the format, so any format Llama.build
 accepts (int4 when it exists) is a row by naming it in --formats. `--llama-cpp` adds a row per
@@ -58,7 +58,7 @@ def llama_cpp_logits(gguf: str, n_ctx: int):
 def _row_child(spec_json: str) -> None:
     """One row in this fresh process: prints its figures as one JSON line."""
     from llama import Llama
-    from llama.perplexity import perplexity
+    from llama.cli.perplexity import perplexity
 
     spec = json.loads(spec_json)
     tokens = json.loads(Path(spec["tokens"]).read_text())
@@ -116,8 +116,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     import assets
     import torch
     from bench import cpu_name
-    from llama.perplexity import DEFAULT_PLAY, shakespeare_text, tokenize_text
-    from llama.source import open_checkpoint, open_tokenizer
+
+    from llama.checkpoints.source import open_checkpoint, open_tokenizer
+    from llama.cli.perplexity import DEFAULT_PLAY, shakespeare_text, tokenize_text
 
     gguf = a.gguf or str(assets.smollm2_gguf())
     play = a.play or DEFAULT_PLAY

@@ -1,4 +1,10 @@
-"""Model hyper-parameters, read from a checkpoint's params.json."""
+"""The model's and the sampler's arguments, and the rules that follow from them.
+
+ModelArgs and the checks of params.json; the shape rules every reader and writer of weights
+shares (the FFN width, Llama 3.1's RoPE scaling, what each tokenizer family leaves out of
+params.json); the checks of the sampling settings. No torch here: command-line programs check
+their flags before anything heavy is imported.
+"""
 
 import logging
 import math
@@ -11,8 +17,7 @@ logger = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
     """A checkpoint folder or shard (params.json included) that cannot be used, with what to do
-    about it. Defined here, where params.json is checked, so that llama.checkpoint can depend on
-    this module and not the reverse; llama.checkpoint exports it too."""
+    about it."""
 
 
 @dataclass
@@ -110,3 +115,62 @@ def check_params(params: Dict[str, Any], source: str = "params.json") -> None:
     n_kv_heads = params.get("n_kv_heads")
     if n_kv_heads is not None and n_heads % n_kv_heads:
         raise refuse("n_kv_heads", f"must divide n_heads ({n_heads}): each key/value head serves a whole group of query heads")
+
+
+# --- shape rules: what a params.json means, for the model and every reader and writer of weights ---
+
+# What Meta's params.json files leave out, decided by the tokenizer family.
+FAMILY_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "llama2": {"rope_theta": 10000.0, "vocab_parallel_embedding": False},
+    "llama3": {"rope_theta": 500000.0, "vocab_parallel_embedding": True},
+    # Byte-level BPE vocabularies of converted models (SmolLM2...): their params.json names
+    # rope_theta; the embedding is split by vocabulary like the (often tied) output.
+    "chatml": {"rope_theta": 10000.0, "vocab_parallel_embedding": True},
+    "bpe": {"rope_theta": 10000.0, "vocab_parallel_embedding": True},
+}
+
+# Llama 3.1's long-context RoPE (use_scaled_rope), in the names Hugging Face configs use; a
+# config with other values would need other frequencies.
+LLAMA3_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def swiglu_width(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """Meta's FeedForward(dim, hidden_dim, ...) width: 2/3 of hidden_dim, scaled, rounded up to multiple_of."""
+    hidden = int(2 * hidden_dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """The FFN width of a model with these params.json values (its blocks pass hidden_dim = 4 * dim)."""
+    return swiglu_width(4 * dim, multiple_of, ffn_dim_multiplier)
+
+
+# --- sampling settings, checked in one place for every entry point ---
+
+
+def check_sampling_args(temperature: float, top_p: float, max_gen_len: Optional[int]) -> None:
+    """Refuse sampling settings that torch would fail on deep inside, or silently misread.
+
+    temperature: a finite number >= 0 (0 means greedy); top_p: a number in (0, 1]; max_gen_len:
+    an integer >= 0, or None (the caller's default). Raises TypeError for a value of the wrong
+    type (a string, a bool), ValueError for one out of range (NaN and infinity included).
+    """
+    _check_number("temperature", temperature, ">= 0 (0 means greedy)", lambda v: v >= 0)
+    _check_number("top_p", top_p, "in (0, 1]", lambda v: 0 < v <= 1)
+    if max_gen_len is None:
+        return
+    if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, numbers.Integral):
+        raise TypeError(f"max_gen_len must be an integer >= 0 (a number of tokens), got {max_gen_len!r} ({type(max_gen_len).__name__})")
+    if max_gen_len < 0:
+        raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
+
+
+def _check_number(name: str, value: object, expected: str, in_range: Callable[[float], bool]) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number {expected}, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {expected}, got {value!r}")
+    if not in_range(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")

@@ -10,7 +10,7 @@ import logging
 import re
 from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, TypedDict, Union
 
-from llama.tokenizer import Tokenizer
+from llama.tokenizers.base import Tokenizer
 
 logger = logging.getLogger(__name__)
 

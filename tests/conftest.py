@@ -6,16 +6,16 @@ import subprocess
 from pathlib import Path
 from typing import Callable, Iterator, List, TypeVar
 
+import assets
 import pytest
 import torch
-
-import assets
 from checkpoints import TINY_PARAMS, random_state_dict, write_checkpoint
+
 from llama import Llama
 from llama.args import ModelArgs
-from llama.distributed import init_model_parallel
+from llama.runtime.distributed import init_model_parallel
 from llama.tokenizer import Tokenizer
-from llama.tokenizer_convert import write_tokenizer_from_gguf
+from llama.tokenizers.convert import write_tokenizer_from_gguf
 
 T = TypeVar("T")
 
@@ -163,7 +163,7 @@ def small_meta_template(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_hf_template(tmp_path_factory, small_meta_template) -> Path:
     """small_meta_template as a Hugging Face folder (config.json + model.safetensors)."""
-    from llama.convert import convert_meta_to_hf
+    from llama.checkpoints.convert import convert_meta_to_hf
 
     return convert_meta_to_hf(small_meta_template, tmp_path_factory.mktemp("small-hf") / "model")
 

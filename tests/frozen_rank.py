@@ -9,7 +9,7 @@ import signal
 import sys
 
 from llama import Llama
-from llama.cli_errors import reported_errors
+from llama.cli.errors import reported_errors
 
 
 def main(ckpt_dir: str, tokenizer_path: str) -> None:

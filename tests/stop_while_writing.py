@@ -1,6 +1,6 @@
 """Run a llama command line that stops itself (SIGSTOP) with its first shard half written.
 
-    python tests/stop_while_writing.py llama.reshard --ckpt_dir A --output_dir B ...
+    python tests/stop_while_writing.py llama.cli.reshard --ckpt_dir A --output_dir B ...
 
 The test that starts it sees it stop (os.waitpid with WUNTRACED), then kills it, or sends it
 SIGTERM and SIGCONT: an interruption at a known point of the write, with no sleep.

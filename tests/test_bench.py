@@ -84,8 +84,9 @@ def test_decode_ceiling_streams_a_decode_steps_bytes_not_one_cached_matrix():
 def test_meta_to_gguf_writes_the_weights_our_gguf_reader_reads_back(llama3_ckpt, vocab_gguf, tmp_path):
     import json
 
-    from llama.convert import read_as_meta
     from meta_to_gguf import write_gguf
+
+    from llama.checkpoints.source import read_as_meta
 
     src = tmp_path / "scaled"
     src.mkdir()

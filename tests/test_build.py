@@ -2,17 +2,15 @@
 
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-
 from checkpoints import TINY_PARAMS, random_state_dict, write_checkpoint
+
 from llama import Llama
-from llama.args import ModelArgs
-from llama.checkpoint import CheckpointError
+from llama.args import CheckpointError, ModelArgs
 
 
 def build(ckpt_dir, tokenizer_path, **kwargs) -> Llama:

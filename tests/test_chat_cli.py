@@ -12,11 +12,11 @@ from typing import List, Optional, Tuple
 
 import pytest
 import torch
-
 from checkpoints import write_checkpoint
+
 from llama import Dialog, Llama
-from llama.chat_cli import BANNER, HELP, PROMPT, ChatSession, main
 from llama.chat_format import UNSAFE_ERROR
+from llama.cli.chat import BANNER, HELP, PROMPT, ChatSession, main
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 240  # a hung process fails its test instead of the whole run
@@ -260,10 +260,10 @@ def run(args, stdin: str, nproc: Optional[int] = None) -> subprocess.CompletedPr
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
     ]
     result = subprocess.run(
-        launcher + ["-m", "llama.chat_cli"] + [str(a) for a in args],
+        launcher + ["-m", "llama.cli.chat"] + [str(a) for a in args],
         cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=TIMEOUT,
     )
-    assert result.returncode == 0, f"llama.chat_cli failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, f"llama.cli.chat failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-3000:]}"
     return result
 
 
@@ -299,7 +299,7 @@ def read_until_prompt(proc: subprocess.Popen) -> str:
 
 def test_sigint_at_the_prompt_prompts_again_and_quit_exits_cleanly(llama3_ckpt, llama3_tokenizer_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama.chat_cli", "--ckpt_dir", str(llama3_ckpt), "--tokenizer_path", str(llama3_tokenizer_path)],
+        [sys.executable, "-m", "llama.cli.chat", "--ckpt_dir", str(llama3_ckpt), "--tokenizer_path", str(llama3_tokenizer_path)],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even if this run ignores Ctrl-C
     )
@@ -316,7 +316,7 @@ def test_sigint_at_the_prompt_prompts_again_and_quit_exits_cleanly(llama3_ckpt, 
 
 
 def run_with_stdin(args, **popen) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "llama.chat_cli"] + [str(a) for a in args], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "llama.cli.chat"] + [str(a) for a in args], cwd=ROOT,
                             capture_output=True, timeout=TIMEOUT, **popen)
     assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr.decode(errors="replace")[-3000:]
     return result

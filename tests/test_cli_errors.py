@@ -9,7 +9,7 @@ from typing import Dict, Optional
 import pytest
 import torch
 
-from llama.cli_errors import reported_errors
+from llama.cli.errors import reported_errors
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 240  # a hung process fails its test instead of the whole run
@@ -17,7 +17,7 @@ EXAMPLES = ["example_text_completion.py", "example_chat_completion.py"]
 COMMANDS = {
     "example_text_completion.py": ["example_text_completion.py"],
     "example_chat_completion.py": ["example_chat_completion.py"],
-    "llama-chat": ["-m", "llama.chat_cli"],
+    "llama-chat": ["-m", "llama.cli.chat"],
 }
 
 
@@ -81,23 +81,23 @@ def test_too_small_max_seq_len_is_one_line(llama3_ckpt, llama3_tokenizer_path):
 
 
 def test_llama_convert_missing_source_is_one_line(tmp_path):
-    assert_one_line_error(run(["-m", "llama.convert.cli", tmp_path / "nowhere", tmp_path / "out"]), "checkpoint not found")
+    assert_one_line_error(run(["-m", "llama.cli.convert", tmp_path / "nowhere", tmp_path / "out"]), "checkpoint not found")
 
 
 def test_llama_reshard_missing_checkpoint_is_one_line(tmp_path):
-    result = run(["-m", "llama.reshard", "--ckpt_dir", tmp_path / "nowhere", "--output_dir", tmp_path / "out",
+    result = run(["-m", "llama.cli.reshard", "--ckpt_dir", tmp_path / "nowhere", "--output_dir", tmp_path / "out",
                   "--model_parallel_size", 1])
     assert_one_line_error(result, "checkpoint folder not found")
 
 
 def test_llama_reshard_to_an_impossible_count_names_its_own_flag(llama3_ckpt, tmp_path):
-    result = run(["-m", "llama.reshard", "--ckpt_dir", llama3_ckpt, "--output_dir", tmp_path / "out", "--model_parallel_size", 3])
+    result = run(["-m", "llama.cli.reshard", "--ckpt_dir", llama3_ckpt, "--output_dir", tmp_path / "out", "--model_parallel_size", 3])
     assert_one_line_error(result, "--model_parallel_size 2")
     assert "torchrun" not in result.stderr
 
 
 def test_llama_reshard_help_describes_every_flag():
-    result = run(["-m", "llama.reshard", "--help"], env={"PAGER": "cat"})
+    result = run(["-m", "llama.cli.reshard", "--help"], env={"PAGER": "cat"})
     out = result.stdout + result.stderr  # fire writes its help to either, by version
     for described in ["the Meta folder to read", "the folder to create", "the number of shards to write", "replace output_dir"]:
         assert described in out

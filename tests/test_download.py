@@ -7,14 +7,12 @@ much free space as the test says, and asserts that the signed URL never shows in
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
 import pytest
-
 from fake_llama_server import (
     LLAMA2_SHARDS,
     LLAMA3_LOCAL,

@@ -4,14 +4,14 @@ The reference below is Meta's algorithm written the slow, obvious way: every ste
 each row from scratch (no KV cache, no batching) and draws one sample per row per step.
 """
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import pytest
 import torch
 
 from llama import Llama, sample_top_p
+from llama.args import check_sampling_args
 from llama.chat_format import UNSAFE_ERROR
-from llama.sampling_args import check_sampling_args
 
 
 def reference_generate(

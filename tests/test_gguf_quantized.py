@@ -4,18 +4,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_convert_gguf import TINY_ARGS, write_gguf
 
 from llama import Llama
 from llama.args import ModelArgs
-from llama.checkpoint import load_into
-from llama.convert import read_as_meta
-from llama.convert.gguf import gguf_name
-from llama.distributed import default_device_and_dtype
+from llama.checkpoints.gguf import gguf_name
+from llama.checkpoints.load import load_into
+from llama.checkpoints.source import ConvertedShard, read_as_meta
 from llama.kernels import Q4Weight, dequantize_q4, dequantize_q8
-from llama.linear import LocalProduct
+from llama.layers.linear import LocalProduct
 from llama.model import Transformer
-from llama.source import ConvertedShard
-from test_convert_gguf import TINY_ARGS, write_gguf
+from llama.runtime.distributed import default_device_and_dtype
 
 gguf = pytest.importorskip("gguf", reason="gguf is a test dependency: pip install -e '.[test]'")
 

@@ -8,16 +8,16 @@ import time
 from pathlib import Path
 
 import pytest
+from assets import read_vocab_vectors
 from tokenizers import Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
-from assets import read_vocab_vectors
-from llama.gguf_metadata import read_gguf_metadata
-from llama.hf_tokenizer import ByteLevelBPETokenizer
-from llama.tokenizer_convert import write_tokenizer_from_gguf, write_tokenizer_from_hf
-from llama.stream import IncrementalDecoder
+from llama.checkpoints.gguf_metadata import read_gguf_metadata
+from llama.decoding.stream import IncrementalDecoder
 from llama.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
+from llama.tokenizers.byte_level_bpe import ByteLevelBPETokenizer
+from llama.tokenizers.convert import write_tokenizer_from_gguf, write_tokenizer_from_hf
 
 TRICKY_TEXTS = [
     "Hello, world! It's 3.14 o'clock.",

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from llama import host
+from llama.runtime import host
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_cgroup_v1_quota_is_read(tmp_path):
 
 def test_configure_sets_torch_threads_and_logs_the_choice(monkeypatch, two_cpus, restore_torch_threads, caplog):
     monkeypatch.setattr(host.configure_threads, "logged", False, raising=False)
-    with caplog.at_level(logging.INFO, logger="llama.host"):
+    with caplog.at_level(logging.INFO, logger="llama.runtime.host"):
         assert host.configure_threads(1) == 1
     assert torch.get_num_threads() == 1
     assert "Computing with 1 CPU thread (from threads=)" in caplog.text

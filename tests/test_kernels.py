@@ -10,7 +10,7 @@ from gguf.quants import GGMLQuantizationType, dequantize
 
 from llama import kernels
 from llama.kernels import build
-from llama.linear import pack_weight
+from llama.layers.linear import pack_weight
 
 ROWS = (1, 2, 3, 4, 7, 16)
 # SmolLM2's shapes (its 49152-row output layer shrunk), odd sizes off the SIMD width, a tall one.

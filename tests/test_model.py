@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-
 from checkpoints import TINY_PARAMS, ffn_hidden_dim, random_state_dict
+
 from llama.args import ModelArgs
-from llama.distributed import default_device_and_dtype
 from llama.model import Transformer, _attention_by_reductions, apply_rotary_emb, precompute_freqs_cis
+from llama.runtime.distributed import default_device_and_dtype
 
 VOCAB = 512
 

@@ -15,8 +15,8 @@ from typing import Callable, Dict
 
 import pytest
 
-from llama.convert import convert_meta_to_hf, convert_to_meta
-from llama.reshard import reshard
+from llama.checkpoints.convert import convert_meta_to_hf, convert_to_meta
+from llama.checkpoints.reshard import reshard
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,8 +28,8 @@ WRITERS: Dict[str, tuple] = {
 }
 # The same commands' command lines, for the tests that interrupt a real process.
 COMMAND_LINES: Dict[str, Callable[[Path, Path], list]] = {
-    "reshard": lambda src, out: ["llama.reshard", "--ckpt_dir", src, "--output_dir", out, "--model_parallel_size", 2, "--overwrite", True],
-    "hf-to-meta": lambda src, out: ["llama.convert.cli", src, out, "--force", "--notokenizer"],
+    "reshard": lambda src, out: ["llama.cli.reshard", "--ckpt_dir", src, "--output_dir", out, "--model_parallel_size", 2, "--overwrite", True],
+    "hf-to-meta": lambda src, out: ["llama.cli.convert", src, out, "--force", "--notokenizer"],
 }
 
 

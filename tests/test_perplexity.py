@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama.perplexity import (
+from llama.cli.perplexity import (
     DEFAULT_PLAY,
     main,
     perplexity,

@@ -6,13 +6,13 @@ import sys
 
 import pytest
 import torch
-
 from checkpoints import TINY_PARAMS, random_state_dict, write_checkpoint
-from llama import Llama
-from llama.args import ModelArgs
-from llama.checkpoint import CheckpointError, load_shard, shard_dim
-from llama.reshard import reshard
 from test_torchrun import run
+
+from llama import Llama
+from llama.args import CheckpointError, ModelArgs
+from llama.checkpoints.meta import load_shard, shard_dim
+from llama.checkpoints.reshard import reshard
 
 # n_kv_heads 4 so that 4 shards keep whole key/value heads.
 PARAMS4 = {**TINY_PARAMS, "n_kv_heads": 4}
@@ -123,7 +123,7 @@ def test_reshard_bad_size_lists_valid_sizes(folders, tmp_path):
 
 def test_reshard_command_line(folders, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "llama.reshard", "--ckpt_dir", str(folders("llama3")[4]), "--output_dir", str(tmp_path / "o"),
+        [sys.executable, "-m", "llama.cli.reshard", "--ckpt_dir", str(folders("llama3")[4]), "--output_dir", str(tmp_path / "o"),
          "--model_parallel_size", "1"], capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr

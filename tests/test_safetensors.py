@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from llama.convert.safetensors import SafetensorsError, SafetensorsFile, load_file, save_file, write_file
+from llama.checkpoints.safetensors import SafetensorsError, SafetensorsFile, load_file, save_file, write_file
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool]
 

@@ -7,7 +7,7 @@ import torch
 
 from llama import Llama
 from llama.chat_format import UNSAFE_ERROR
-from llama.stream import IncrementalDecoder, StreamEvent
+from llama.decoding.stream import IncrementalDecoder, StreamEvent
 
 PROMPTS = ["I believe the meaning of life is", "Hi", "Simply put, the theory of relativity states that"]
 DIALOGS = [

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from llama.hf_tokenizer import ByteLevelBPETokenizer
 from llama.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
+from llama.tokenizers.byte_level_bpe import ByteLevelBPETokenizer
 
 TRICKY_TEXTS = {
     "ascii": "Hello, world! It's 3.14 o'clock.",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from checkpoints import TINY_PARAMS, random_state_dict, write_checkpoint
+
 from llama.args import ModelArgs
 
 ROOT = Path(__file__).resolve().parent.parent

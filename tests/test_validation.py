@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from llama import Llama
-from llama.args import REQUIRED_PARAMS
-from llama.checkpoint import CheckpointError
-from llama.convert import convert_meta_to_hf
-from llama.reshard import reshard
+from llama.args import REQUIRED_PARAMS, CheckpointError
+from llama.checkpoints.convert import convert_meta_to_hf
+from llama.checkpoints.reshard import reshard
 
 
 def with_params(folder: Path, ckpt: Path, params: dict) -> Path:

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
-import llama.linear
 from checkpoints import TINY_PARAMS, write_checkpoint
+
+import llama.layers.linear
 from llama import Llama
 from llama.kernels import Q4Weight, dequantize_q4
-from llama.linear import DECODE_ROWS, LocalProduct
+from llama.layers.linear import DECODE_ROWS, LocalProduct
 
 PROMPT_ROWS = DECODE_ROWS + 8  # long enough to take the prefill path
 
@@ -58,7 +58,7 @@ def test_other_weights_keep_the_compute_dtype(compact):
 @pytest.mark.parametrize("fast_bf16", [True, False], ids=["bf16-products", "upcast-products"])
 def test_prefill_logits_are_close_to_exact(compact, llama3, fast_bf16, monkeypatch):
     # Either way a prefill may go on this machine: products in bf16 (AMX/AVX512-BF16 CPUs, GPUs) or upcast.
-    monkeypatch.setattr(llama.linear, "fast_bf16_products", lambda device_type: fast_bf16)
+    monkeypatch.setattr(llama.layers.linear, "fast_bf16_products", lambda device_type: fast_bf16)
     x = tokens(PROMPT_ROWS)
     assert_close_logits(compact, compact.model.forward(x, 0), llama3.model.forward(x, 0))
 
@@ -75,13 +75,13 @@ def test_decode_logits_are_close_to_exact(compact, llama3, rows):
 def test_int8_one_row_product_matches_the_float_product(k, fold):
     # Short weight rows go through torch's int8 kernel folded side by side (faster on the CPU).
     n = 64
-    assert llama.linear._int8_fold(n, k) == fold
+    assert llama.layers.linear._int8_fold(n, k) == fold
     g = torch.Generator().manual_seed(k)
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     scale = torch.rand(n, generator=g) / 100
     x = torch.randn(1, k, generator=g).to(torch.bfloat16)
     want = x.float() @ (q.float() * scale[:, None]).T
-    got = llama.linear._int8_decode(x, q, scale).float()
+    got = llama.layers.linear._int8_decode(x, q, scale).float()
     assert (got - want).abs().max() <= 0.01 * want.abs().max()
 
 
@@ -147,7 +147,7 @@ def test_int4_products_are_its_dequantized_weights(int4, int4_as_floats, rows, f
     # The kernel (decode) and the dequantized product (prefill) multiply by exactly these weights.
     # A prefill differs by float rounding (bf16 products: the activations' rounding to bf16); a
     # decode step by the kernel's rounding of the activations to int8 per 32 columns.
-    monkeypatch.setattr(llama.linear, "fast_bf16_products", lambda device_type: fast_bf16)
+    monkeypatch.setattr(llama.layers.linear, "fast_bf16_products", lambda device_type: fast_bf16)
     x = tokens(PROMPT_ROWS)[:, :rows] if rows == PROMPT_ROWS else tokens(5)[:rows, :1]
     got, want = int4.model.forward(x, 0), int4_as_floats.model.forward(x, 0)
     tolerance = 1e-4 if rows == PROMPT_ROWS and not fast_bf16 else 0.02  # measured: 1.1-1.3% for decode

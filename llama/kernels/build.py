@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from llama.host import cache_root
+from llama.runtime.host import cache_root
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,9 @@
-"""llama-reshard: write a copy of a Meta checkpoint folder cut into a different number of shards.
-
-    llama-reshard --ckpt_dir llama-2-70b/ --output_dir llama-2-70b-mp2/ --model_parallel_size 2
+"""A copy of a Meta checkpoint folder cut into a different number of shards (llama-reshard).
 
 Output shards are written one at a time from memory-mapped inputs, so memory stays near the
 largest output shard. The source's other files (params.json, tokenizer files, licence) are
 copied; checklist.chk is regenerated. The output is staged and swapped in whole
-(llama.output_folder): an interrupted run leaves the output folder as it was.
+(llama.checkpoints.output_folder): an interrupted run leaves the output folder as it was.
 """
 
 import logging
@@ -15,20 +13,19 @@ import time
 from pathlib import Path
 from typing import List
 
-import fire
 import torch
 
-from llama.args import ModelArgs
-from llama.checkpoint import (
-    CheckpointError,
+from llama.args import CheckpointError, ModelArgs
+from llama.checkpoints.meta import (
     check_model_parallel_size,
     checkpoint_paths,
     load_shard,
     read_params,
     resharded_state_dict,
+    vocab_parallel_layout,
 )
-from llama.cli_errors import reported_errors
-from llama.output_folder import staged_output, write_checklist
+from llama.checkpoints.output_folder import staged_output, write_checklist
+from llama.checkpoints.tensors import family_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +58,8 @@ def reshard(ckpt_dir: str, output_dir: str, model_parallel_size: int, overwrite:
     embedding = shards[0].get("tok_embeddings.weight")
     if embedding is None:
         raise CheckpointError(f"{paths[0]} has no tok_embeddings.weight; is it a Meta consolidated.NN.pth shard?")
-    # Several shards show the split: Llama 2's ParallelEmbedding cuts the model dimension. One shard
-    # cannot show it; Llama 3's params.json gives vocab_size, Llama 2's says -1.
-    if len(paths) > 1:
-        vocab_parallel = embedding.shape[1] == params.get("dim")
-    else:
-        vocab_parallel = params.get("vocab_size", -1) > 0
+    family_says = family_defaults(Path(ckpt_dir), params).get("vocab_parallel_embedding", True)
+    vocab_parallel = vocab_parallel_layout(embedding.shape, len(paths), params, family_says)
     args = ModelArgs.from_params(params, vocab_size=max(params.get("vocab_size", -1), 1))
     split_size = embedding.shape[0] * len(paths) if vocab_parallel else embedding.shape[1] * len(paths)
     check_model_parallel_size(
@@ -86,25 +79,3 @@ def reshard(ckpt_dir: str, output_dir: str, model_parallel_size: int, overwrite:
             print(f"llama-reshard: wrote shard {rank + 1}/{model_parallel_size} ({time.time() - start:.1f} s)", file=sys.stderr, flush=True)
         write_checklist(out)
     return Path(output_dir)
-
-
-def main(ckpt_dir: str, output_dir: str, model_parallel_size: int, overwrite: bool = False) -> None:
-    """Write a copy of a Meta checkpoint folder cut into model_parallel_size shards.
-
-    Args:
-        ckpt_dir: the Meta folder to read (params.json + consolidated.NN.pth, as download.sh makes it).
-        output_dir: the folder to create; it must not exist unless --overwrite True.
-        model_parallel_size: the number of shards to write: the number of processes
-            (torchrun --nproc_per_node) that will load the copy. It must divide the attention heads.
-        overwrite: replace output_dir if it exists.
-    """
-    reshard(ckpt_dir, output_dir, model_parallel_size, overwrite)
-
-
-def cli() -> None:
-    with reported_errors():
-        fire.Fire(main)
-
-
-if __name__ == "__main__":
-    cli()

@@ -1,5 +1,6 @@
 """Streaming: turn the steps of generate into per-token text events, one prompt per index."""
 
+import sys
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
@@ -94,8 +95,6 @@ def stream_steps(
 def print_in_order(events: Iterator[StreamEvent], headers: List[str], footer: str, file=None) -> None:
     """Print each answer after its header, in index order: the earliest unfinished answer live,
     the others buffered until their turn (the batch still advances together)."""
-    import sys
-
     file = file or sys.stdout
     buffered = [""] * len(headers)
     finished = [False] * len(headers)

@@ -16,18 +16,17 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from llama.checkpoint import CheckpointError, read_json_object
-from llama.convert.meta import (
-    LLAMA3_ROPE_SCALING,
+from llama.args import LLAMA3_ROPE_SCALING, CheckpointError, ffn_hidden_dim
+from llama.checkpoints.meta import read_json_object
+from llama.checkpoints.safetensors import SafetensorsFile, write_file
+from llama.checkpoints.tensors import (
     MetaTensors,
     Progress,
     TensorSpec,
     check_shapes,
-    ffn_hidden_dim,
     ordered_params,
     solve_ffn,
 )
-from llama.convert.safetensors import SafetensorsFile, write_file
 
 ARCHITECTURE = "LlamaForCausalLM"
 

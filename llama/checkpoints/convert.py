@@ -1,26 +1,28 @@
 """Checkpoint conversion: Hugging Face Llama folders and llama.cpp GGUF files to Meta folders, and Meta to HF.
 
-    from llama.convert import convert_to_meta, convert_meta_to_hf
+    from llama.checkpoints.convert import convert_to_meta, convert_meta_to_hf
     convert_to_meta("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-meta/")
     convert_to_meta("Llama-3.1-8B-hf/", "llama-3.1-8b-mp2/", model_parallel_size=2)
     convert_meta_to_hf("llama-2-7b/", "llama-2-7b-hf/")
 
 A Meta folder is params.json, consolidated.NN.pth shards, the tokenizer file and checklist.chk.
 Tensors are streamed one at a time from memory-mapped sources; output is written to a staging
-folder beside dst and renamed into place only when complete (llama.output_folder).
+folder beside dst and renamed into place only when complete (llama.checkpoints.output_folder).
 """
 
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Union
 
 import torch
 
-from llama.checkpoint import CheckpointError
-from llama.convert.meta import (
-    TOKENIZER_FILES,
-    MetaTensors,
+from llama.args import CheckpointError
+from llama.checkpoints.hf import config_from_params, write_hf_weights
+from llama.checkpoints.meta import TOKENIZER_FILES
+from llama.checkpoints.output_folder import staged_output, write_checklist
+from llama.checkpoints.source import detect_format, read_as_meta
+from llama.checkpoints.tensors import (
     check_parallel_split,
     params_json_for,
     read_meta_folder,
@@ -28,59 +30,15 @@ from llama.convert.meta import (
     write_meta_shards,
     write_params,
 )
-from llama.output_folder import staged_output, write_checklist
+from llama.runtime.distributed import dtype_named
+from llama.tokenizer import Tokenizer
+from llama.tokenizers.convert import write_tokenizer_from_gguf, write_tokenizer_from_hf
 
-__all__ = ["CheckpointError", "MetaTensors", "convert_meta_to_hf", "convert_to_meta", "detect_format", "read_as_meta"]
+__all__ = ["convert_meta_to_hf", "convert_to_meta"]
 
 PathLike = Union[str, Path]
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 OVERWRITE_FLAG = "overwrite=True (--force)"
-_KINDS = "a Hugging Face folder (config.json + weights), a .gguf file or a Meta folder (params.json + consolidated.*.pth)"
-
-
-def detect_format(path: PathLike) -> str:
-    """"meta", "hf" or "gguf": what kind of checkpoint path is.
-
-    Raises FileNotFoundError if path does not exist, CheckpointError if it is none of the three.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint not found: {str(p)!r}; pass {_KINDS}")
-    if p.is_file():
-        with open(p, "rb") as f:
-            if f.read(4) == b"GGUF":
-                return "gguf"
-        raise CheckpointError(f"{p} is not a GGUF file (it does not start with b'GGUF'); pass {_KINDS}")
-    if (p / "params.json").is_file():
-        return "meta"
-    if (p / "config.json").is_file():
-        return "hf"
-    ggufs = sorted(x.name for x in p.glob("*.gguf"))
-    hint = f"; to convert a GGUF file, pass the file itself, e.g. {str(p / ggufs[0])!r}" if ggufs else ""
-    raise CheckpointError(f"{p} has neither params.json (Meta) nor config.json (Hugging Face){hint}; pass {_KINDS}")
-
-
-def read_as_meta(src: PathLike) -> Tuple[Dict[str, Any], MetaTensors]:
-    """(params, tensors) of any checkpoint kind, in Meta's terms, without writing anything.
-
-    params is a params.json dict with a positive vocab_size and rope_theta filled in. tensors maps
-    Meta's state_dict keys to full (unsharded) tensors, each read from the memory-mapped source
-    (q/k rows re-ordered, GGUF quantizations dequantized) when accessed; output.weight is absent
-    when the model ties it to tok_embeddings.weight (llama.checkpoint.load_into ties them).
-    """
-    p = Path(src)
-    kind = detect_format(p)
-    if kind == "hf":
-        from llama.convert.hf import read_hf_as_meta
-
-        return read_hf_as_meta(p)
-    if kind == "gguf":
-        from llama.convert.gguf import read_gguf_as_meta
-
-        return read_gguf_as_meta(p)
-    params, tensors, _ = read_meta_folder(p)
-    return params, tensors
 
 
 def convert_to_meta(
@@ -129,8 +87,6 @@ def convert_meta_to_hf(src: PathLike, dst: PathLike, overwrite: bool = False) ->
     Raises CheckpointError for an unusable Meta folder, FileExistsError if dst is not empty and not
     overwrite, OutputFolderError (a ValueError) if dst is, holds or lies inside src.
     """
-    from llama.convert.hf import config_from_params, write_hf_weights
-
     src_path, dst_path = Path(src), Path(dst)
     kind = detect_format(src_path)
     if kind != "meta":
@@ -153,16 +109,12 @@ def convert_meta_to_hf(src: PathLike, dst: PathLike, overwrite: bool = False) ->
 
 
 def _write_tokenizer(kind: str, src: Path, out: Path) -> Path:
-    from llama.tokenizer_convert import write_tokenizer_from_gguf, write_tokenizer_from_hf
-
     return write_tokenizer_from_hf(src, out) if kind == "hf" else write_tokenizer_from_gguf(src, out)
 
 
 def _special_ids(tokenizer_files) -> Dict[str, Optional[int]]:
     """bos/eos ids for config.json from the tokenizer file our Tokenizer reads, if there is one
     (null for a token the vocabulary lacks, as transformers writes it; our Tokenizer says -1)."""
-    from llama.tokenizer import Tokenizer
-
     for path in tokenizer_files:
         try:
             tokenizer = Tokenizer(str(path))
@@ -174,8 +126,4 @@ def _special_ids(tokenizer_files) -> Dict[str, Optional[int]]:
 
 
 def _torch_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
+    return None if dtype is None else dtype_named(dtype)

@@ -12,11 +12,12 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 
-from llama.args import check_params
-from llama.checkpoint import CheckpointError
-from llama.convert.meta import MetaTensors, TensorSpec, check_shapes, ordered_params, solve_ffn
+from llama.args import CheckpointError, check_params
+from llama.checkpoints.tensors import MetaTensors, TensorSpec, check_shapes, ordered_params, solve_ffn
+from llama.model import apply_scaling
 
 _TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight", "output.weight": "output.weight"}
 _LAYER_NAMES = {
@@ -180,8 +181,6 @@ def _params(path: Path, field, tensors: Dict[str, Any]) -> Dict[str, Any]:
 def llama31_rope_divisors(head_dim: int, theta: float) -> torch.Tensor:
     """What llama.cpp's rope_freqs tensor holds for Llama 3.1's scaling: each RoPE frequency
     divided by its scaled value (llama/model.py's apply_scaling)."""
-    from llama.model import apply_scaling
-
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
     return freqs / apply_scaling(freqs)
 
@@ -228,6 +227,4 @@ def _to_torch(gguf, t, shape: Tuple[int, ...]) -> torch.Tensor:
 
 def _float32(value: float) -> float:
     """GGUF stores floats as float32: 1e-5 reads back as 9.99999974e-06; keep the value that was meant."""
-    import numpy as np
-
     return float(str(np.float32(value)))

@@ -1,28 +1,23 @@
-"""Meta checkpoint folders: find and check the files, read params.json, load a shard into a model.
+"""Meta checkpoint folders: find and check the files, read params.json and the shards, cut them.
 
 A folder holds params.json and consolidated.NN.pth shards, one per model-parallel process. Shards
 are memory-mapped with weights_only=True: no pickle code runs, and tensors already in the compute
 dtype on the CPU are used in place instead of being copied.
 """
 
-import ctypes
 import json
-import mmap
 import pickle
 import re
-import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import fairscale.nn.model_parallel.initialize as fs_init
-import numpy as np
 import torch
-from torch import nn
 
-import llama.kernels as kernels
 from llama.args import CheckpointError, check_params
-from llama.linear import LocalProduct, Packed, check_int4_columns, pack_weight
+
+# What a Meta folder's tokenizer is called: Meta's own, or a converted byte-level BPE vocabulary.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 # Real Llama 2 shards carry this precomputed RoPE table, which the model computes itself.
 IGNORED_KEYS = frozenset({"rope.freqs"})
@@ -77,6 +72,16 @@ def unexpected_weights_error(
     return CheckpointError(
         f"{source} holds {len(keys)} weight(s) a Llama model does not have, e.g. {examples}; is it a Meta Llama checkpoint?"
     )
+
+
+def vocab_parallel_layout(embedding_shape: Sequence[int], shards: int, params: Dict[str, Any], family_says: bool) -> bool:
+    """Whether a Meta folder's tok_embeddings is split by vocabulary (Llama 3) or by model dimension
+    (Llama 2's ParallelEmbedding), given its first shard's embedding shape. Several shards show it:
+    each keeps the whole model dimension only when split by vocabulary. One shard cannot show it:
+    family_says is what the tokenizer family's defaults say (llama.args.FAMILY_DEFAULTS)."""
+    if shards > 1:
+        return embedding_shape[1] == params.get("dim")
+    return family_says
 
 
 def checkpoint_paths(ckpt_dir: str) -> List[Path]:
@@ -203,139 +208,6 @@ def load_shard(path: Path) -> Dict[str, torch.Tensor]:
 
 def tensor_shape(state_dict: Mapping[str, torch.Tensor], key: str) -> Tuple[int, ...]:
     """A weight's shape, without reading it where the state_dict can tell (a converted source's
-    shard, llama.source.ConvertedShard, reads each tensor when accessed)."""
+    shard, llama.checkpoints.source.ConvertedShard, reads each tensor when accessed)."""
     shape = getattr(state_dict, "shape", None)
     return tuple(shape(key)) if callable(shape) else tuple(state_dict[key].shape)
-
-
-def load_into(
-    model: nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
-    path: Path,
-    device: torch.device,
-    dtype: torch.dtype,
-    weight_format: Optional[str] = None,
-) -> None:
-    """Put the shard's tensors into model in place of its parameters, converted to (device, dtype),
-    and the linear layers' weights to weight_format if given (see llama.linear).
-
-    Parameters are swapped (assign=True), not copied into, so the weights exist once in memory;
-    each is converted straight from the memory-mapped shard to its final format, one at a time
-    (a state_dict that reads tensors when accessed is never held whole). A state_dict with a
-    `blocks(key)` method (a GGUF source) gives quantized blocks that weight_format takes as they
-    are: Q4_0/Q4_1 under "int4", Q8_0 under "int8" and "int4".
-    """
-    expected = model.state_dict()
-    names = {k: k for k in state_dict}  # the model's key -> the checkpoint's
-    if "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict:
-        if tensor_shape(state_dict, "tok_embeddings.weight") == tuple(expected["output.weight"].shape):
-            # Llama 3.2 1B/3B tie the output projection to the embedding (same vocabulary split).
-            names["output.weight"] = "tok_embeddings.weight"
-    missing = [k for k in expected if k not in names]
-    unexpected = [k for k in state_dict if k not in expected and k not in IGNORED_KEYS]
-    if missing:
-        raise CheckpointError(
-            f"{path} lacks {len(missing)} weight(s) the model needs, e.g. {missing[:3]}; "
-            "params.json and the shards do not belong together, or the file is incomplete"
-        )
-    if unexpected:
-        raise unexpected_weights_error(str(path), unexpected, model.params.n_layers, "params.json n_layers")
-    mismatched = [
-        f"{k}: checkpoint {tensor_shape(state_dict, names[k])} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if tensor_shape(state_dict, names[k]) != tuple(v.shape)
-    ]
-    if mismatched:
-        raise CheckpointError(
-            f"{path} does not match params.json and the model-parallel size: " + "; ".join(mismatched[:3])
-        )
-    linears = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, LocalProduct)}
-    if weight_format == "int4":
-        check_int4_columns({k: expected[k].shape[1] for k in linears}, fs_init.get_model_parallel_world_size())
-    converted: Dict[str, torch.Tensor] = {}
-    done: Dict[str, torch.Tensor] = {}  # by checkpoint key: a tied output shares its embedding's converted memory
-    for k in expected:
-        name = names[k]
-        if weight_format is not None and k in linears:
-            linears[k].store(*_packed(state_dict, name, weight_format, device))
-        elif name in done:
-            converted[k] = done[name]
-        else:
-            source = state_dict[name]
-            converted[k] = done[name] = source.to(device=device, dtype=dtype)
-            if converted[k].untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
-                _page_out(source)
-            del source  # a converted source's tensor is freed before the next one is read
-    model.requires_grad_(False)  # inference only; lets int8 weights be parameters
-    result = model.load_state_dict(converted, strict=False, assign=True)
-    stored = [k for k in result.missing_keys if k not in linears or weight_format is None]
-    if stored or result.unexpected_keys:  # the checks above make this unreachable
-        raise CheckpointError(f"{path}: weights left unloaded {stored[:3]} or unused {result.unexpected_keys[:3]}")
-
-
-def _packed(state_dict: Mapping[str, torch.Tensor], key: str, weight_format: str, device: torch.device) -> Tuple[Packed, Optional[torch.Tensor]]:
-    """A linear weight in weight_format (pack_weight's result): from the source's quantized
-    blocks where they fit the format, copied as they are, else quantized from its floats."""
-    blocks = getattr(state_dict, "blocks", None)
-    found = blocks(key) if callable(blocks) else None
-    if found is not None and weight_format != "bf16":
-        qtype, data = found
-        packed: Optional[Tuple[Packed, Optional[torch.Tensor]]] = None
-        if weight_format == "int4" and qtype in ("Q4_0", "Q4_1"):
-            w = kernels.q4_from_gguf(data, qtype)
-            packed = kernels.Q4Weight(w.qs.to(device), w.d.to(device), w.m.to(device)), None
-        elif qtype == "Q8_0":
-            # Under int4 too: llama.cpp's Q4 files keep their embedding (the tied output) in Q8_0,
-            # and reading its blocks is exact where a second rounding to 4 bits is not.
-            q, scale = kernels.q8_from_gguf(data)
-            packed = q.to(device), scale.to(device)
-        if packed is not None:
-            _page_out_array(data)
-            return packed
-    source = state_dict[key]
-    packed = pack_weight(source, weight_format, device)
-    _page_out(source)
-    return packed
-
-
-_MADV_PAGEOUT = 21  # Linux 5.4+
-
-
-def _page_out(t: torch.Tensor) -> None:
-    """Ask the kernel to drop a converted source tensor's pages from this process's memory.
-
-    The source is a memory-mapped shard: its pages, once read, would stay resident beside the
-    converted copy until the whole file is unmapped (1.5x the weights when bf16 becomes fp32).
-    MADV_PAGEOUT only reclaims (clean file pages are re-read if touched again), so it is safe for
-    any tensor; where it is unsupported (not Linux, old kernel) nothing happens.
-    """
-    if t.device.type == "cpu":
-        _page_out_range(t.data_ptr(), t.numel() * t.element_size())
-
-
-def _page_out_array(a: np.ndarray) -> None:
-    """_page_out for a numpy array (a GGUF file's memory-mapped blocks)."""
-    _page_out_range(a.__array_interface__["data"][0], a.nbytes)
-
-
-def _page_out_range(start: int, size: int) -> None:
-    if _libc is None:
-        return
-    end = start + size
-    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-    if last > first:
-        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
-
-
-def _load_libc() -> Optional[ctypes.CDLL]:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_libc = _load_libc()

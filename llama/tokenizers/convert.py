@@ -13,7 +13,7 @@ What each source becomes (the returned path is the file to pass as tokenizer_pat
   system prompt from there). `ByteLevelBPETokenizer` and transformers both read the pair.
 - A Hugging Face folder with a tokenizer.model: that file, copied.
 
-GGUF metadata is read by llama.gguf_metadata (no `gguf` package needed); writing a SentencePiece
+GGUF metadata is read by llama.checkpoints.gguf_metadata (no `gguf` package needed); writing a SentencePiece
 model needs `protobuf`, an optional dependency imported only then.
 """
 
@@ -23,8 +23,16 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from llama.gguf_metadata import read_gguf_metadata
-from llama.tokenizer import TiktokenTokenizer, Tokenizer, _llama31_special_token_names
+from llama.checkpoints.gguf_metadata import read_gguf_metadata
+from llama.tokenizers.base import Tokenizer
+from llama.tokenizers.byte_level_bpe import (
+    BYTE_ENCODER,
+    ByteLevelBPETokenizer,
+    read_json,
+    read_tokenizer_config,
+    token_bytes,
+)
+from llama.tokenizers.tiktoken_tokenizer import TiktokenTokenizer, llama31_special_token_names
 
 _INSTALL_HINT = "pip install -e '.[demo]'"
 
@@ -118,10 +126,8 @@ def write_tokenizer_from_hf(hf_dir: Path, out_dir: Path) -> Path:
             f"{hf_dir} has neither tokenizer.model nor tokenizer.json; pass the folder of a "
             f"Hugging Face model"
         )
-    from llama.hf_tokenizer import _read_json, _read_tokenizer_config
-
-    spec = _read_json(json_file)
-    config = _read_tokenizer_config(hf_dir)
+    spec = read_json(json_file)
+    config = read_tokenizer_config(hf_dir)
     chat_template = hf_dir / "chat_template.jinja"
     if chat_template.is_file() and "chat_template" not in config:
         config = {**config, "chat_template": chat_template.read_text(encoding="utf-8")}
@@ -138,8 +144,6 @@ def _write_byte_level(
 ) -> Path:
     """Meta's tiktoken tokenizer.model for Meta's Llama 3 vocabulary, else tokenizer.json (a copy
     of `original` if given, else `spec`) and tokenizer_config.json, checked by loading them."""
-    from llama.hf_tokenizer import ByteLevelBPETokenizer
-
     meta_tokens = _meta_llama3_tokens(spec)
     if meta_tokens is not None:
         out = out_dir / "tokenizer.model"
@@ -170,8 +174,6 @@ def _meta_llama3_tokens(spec: Mapping[str, Any]) -> Optional[List[bytes]]:
     """The 128,000 token byte strings when `spec` (a tokenizer.json) is Meta's Llama 3 vocabulary:
     Llama 3's pre-tokenizer, Meta's special token names (3 or 3.1) at ids 128000-128255, and
     merges in id order, so that tiktoken's ranks (= ids) make the same merges. Else None."""
-    from llama.hf_tokenizer import token_bytes
-
     if spec.get("pre_tokenizer") != _LLAMA3_PRE and not _same_llama3_split(spec.get("pre_tokenizer")):
         return None
     model = spec.get("model") or {}
@@ -179,7 +181,7 @@ def _meta_llama3_tokens(spec: Mapping[str, Any]) -> Optional[List[bytes]]:
     added = {a.get("id"): a for a in spec.get("added_tokens") or [] if isinstance(a, dict)}
     if sorted(added) != list(range(LLAMA3_BASE_TOKENS, LLAMA3_N_WORDS)):
         return None
-    names31 = _llama31_special_token_names(LLAMA3_N_WORDS - LLAMA3_BASE_TOKENS)
+    names31 = llama31_special_token_names(LLAMA3_N_WORDS - LLAMA3_BASE_TOKENS)
     names3 = _llama3_special_token_names()
     for offset, (name31, name3) in enumerate(zip(names31, names3)):
         content = added[LLAMA3_BASE_TOKENS + offset].get("content")
@@ -296,8 +298,6 @@ def sentencepiece_model_from_gguf(gguf_path: Path, vocab: Optional[_GgufVocab] =
 
 def _hf_files_from_gguf(vocab: _GgufVocab) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """tokenizer.json and tokenizer_config.json contents for a GGUF byte-level BPE vocabulary."""
-    from llama.hf_tokenizer import BYTE_ENCODER, token_bytes
-
     path = vocab.path
     pre = vocab.get("tokenizer.ggml.pre")
     if pre not in GGUF_PRE_TOKENIZERS:

@@ -1,23 +1,29 @@
 """What Llama.build loads from: a Meta folder, or a Hugging Face folder / GGUF file converted in memory.
 
 Both end as the same thing: a params.json dict and, for each model-parallel rank, a state_dict
-with Meta's keys and layout. Foreign checkpoints are read tensor by tensor (llama.convert), so
+with Meta's keys and layout. Foreign checkpoints are read tensor by tensor (llama.checkpoints.hf, llama.checkpoints.gguf), so
 nothing is written to disk except their tokenizer, rebuilt in a temporary folder.
 """
 
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from llama.checkpoint import CheckpointError, checkpoint_paths, load_for_rank, read_params, shard_dim
+from llama.args import CheckpointError
+from llama.checkpoints.gguf import read_gguf_as_meta
+from llama.checkpoints.gguf_metadata import GGUF_MAGIC
+from llama.checkpoints.hf import read_hf_as_meta
+from llama.checkpoints.meta import TOKENIZER_FILES, checkpoint_paths, load_for_rank, read_params, shard_dim
+from llama.checkpoints.tensors import MetaTensors, read_meta_folder
 from llama.kernels import BLOCK
 from llama.tokenizer import Tokenizer
+from llama.tokenizers.convert import write_tokenizer_from_gguf, write_tokenizer_from_hf
 
-# What a Meta folder's tokenizer is called: Meta's own, or a converted byte-level BPE vocabulary.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+PathLike = Union[str, Path]
+_KINDS = "a Hugging Face folder (config.json + weights), a .gguf file or a Meta folder (params.json + consolidated.*.pth)"
 
 
 @dataclass
@@ -108,20 +114,58 @@ class ConvertedShard(Mapping):
         return dim, self.rank * size, size
 
 
-def is_foreign(ckpt_dir: str) -> bool:
-    """A GGUF file, or a Hugging Face folder (config.json, no params.json)."""
-    p = Path(ckpt_dir)
+def detect_format(path: PathLike) -> str:
+    """"meta", "hf" or "gguf": what kind of checkpoint path is.
+
+    Raises FileNotFoundError if path does not exist, CheckpointError if it is none of the three.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint not found: {str(p)!r}; pass {_KINDS}")
+    kind = _format_of(p)
+    if kind is not None:
+        return kind
+    if p.is_file():
+        raise CheckpointError(f"{p} is not a GGUF file (it does not start with b'GGUF'); pass {_KINDS}")
+    ggufs = sorted(x.name for x in p.glob("*.gguf"))
+    hint = f"; to convert a GGUF file, pass the file itself, e.g. {str(p / ggufs[0])!r}" if ggufs else ""
+    raise CheckpointError(f"{p} has neither params.json (Meta) nor config.json (Hugging Face){hint}; pass {_KINDS}")
+
+
+def read_as_meta(src: PathLike) -> Tuple[Dict[str, Any], MetaTensors]:
+    """(params, tensors) of any checkpoint kind, in Meta's terms, without writing anything.
+
+    params is a params.json dict with a positive vocab_size and rope_theta filled in. tensors maps
+    Meta's state_dict keys to full (unsharded) tensors, each read from the memory-mapped source
+    (q/k rows re-ordered, GGUF quantizations dequantized) when accessed; output.weight is absent
+    when the model ties it to tok_embeddings.weight (llama.checkpoints.meta.load_into ties them).
+    """
+    p = Path(src)
+    kind = detect_format(p)
+    if kind == "hf":
+        return read_hf_as_meta(p)
+    if kind == "gguf":
+        return read_gguf_as_meta(p)
+    params, tensors, _ = read_meta_folder(p)
+    return params, tensors
+
+
+def _format_of(p: Path) -> Optional[str]:
+    """"gguf" for a file that starts as one, "meta" for a folder with params.json, "hf" for one with
+    config.json; None for anything else."""
     if p.is_file():
         with open(p, "rb") as f:
-            return f.read(4) == b"GGUF"
-    return (p / "config.json").is_file() and not (p / "params.json").is_file()
+            return "gguf" if f.read(4) == GGUF_MAGIC else None
+    if (p / "params.json").is_file():
+        return "meta"
+    if (p / "config.json").is_file():
+        return "hf"
+    return None
 
 
 def open_checkpoint(ckpt_dir: str) -> CheckpointSource:
     """Find and check the checkpoint's files and read its params; no weight is read yet."""
-    if is_foreign(ckpt_dir):
-        from llama.convert import read_as_meta
-
+    if _format_of(Path(ckpt_dir)) in ("gguf", "hf"):
         params, tensors = read_as_meta(ckpt_dir)
         return CheckpointSource(Path(ckpt_dir), params, tensors=tensors)
     shards = checkpoint_paths(ckpt_dir)
@@ -142,8 +186,6 @@ def open_tokenizer(source: CheckpointSource, tokenizer_path: Optional[str]) -> T
             f"no tokenizer file ({', '.join(TOKENIZER_FILES)}) in {source.path} or beside it: pass tokenizer_path "
             "(--tokenizer_path), the tokenizer.model that came with the checkpoint"
         )
-    from llama.tokenizer_convert import write_tokenizer_from_gguf, write_tokenizer_from_hf
-
     with tempfile.TemporaryDirectory(prefix="llama-tokenizer-") as tmp:
         if source.path.is_file():
             written = write_tokenizer_from_gguf(source.path, Path(tmp))

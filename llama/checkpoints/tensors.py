@@ -16,10 +16,10 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from llama.args import ModelArgs
-from llama.checkpoint import (
+from llama.args import FAMILY_DEFAULTS, CheckpointError, ModelArgs, ffn_hidden_dim
+from llama.checkpoints.meta import (
     IGNORED_KEYS,
-    CheckpointError,
+    TOKENIZER_FILES,
     check_model_parallel_size,
     checkpoint_paths,
     load_shard,
@@ -27,9 +27,9 @@ from llama.checkpoint import (
     resharded_state_dict,
     shard_dim,
     unexpected_weights_error,
+    vocab_parallel_layout,
 )
-
-from llama.source import TOKENIZER_FILES
+from llama.tokenizer import Tokenizer
 
 TensorSpec = Tuple[torch.dtype, Tuple[int, ...]]
 
@@ -38,10 +38,6 @@ PARAMS_ORDER = (
     "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
     "norm_eps", "rope_theta", "use_scaled_rope",
 )  # fmt: skip
-
-# What llama/model.py's apply_scaling implements (Llama 3.1's long-context RoPE), in the names
-# Hugging Face configs use; anything else would give different frequencies.
-LLAMA3_ROPE_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 class MetaTensors(Mapping):
@@ -91,14 +87,6 @@ class MetaTensors(Mapping):
 
 
 # --- params ---
-
-
-def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
-    """The SwiGLU width llama/model.py's FeedForward builds from these params.json values."""
-    hidden = int(2 * (4 * dim) / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
 def solve_ffn(dim: int, hidden_dim: int) -> Tuple[int, Optional[float]]:
@@ -212,11 +200,7 @@ def read_meta_folder(src: Path) -> Tuple[Dict[str, Any], MetaTensors, bool]:
     if embedding is None:
         raise CheckpointError(f"{paths[0]} has no tok_embeddings.weight; is it a Meta consolidated.NN.pth shard?")
     defaults = family_defaults(src, params)
-    if len(paths) > 1:
-        # Llama 2's ParallelEmbedding cuts the model dimension, so each shard keeps all of it only when split by vocabulary.
-        vocab_parallel = embedding.shape[1] == params.get("dim")
-    else:
-        vocab_parallel = defaults.get("vocab_parallel_embedding", True)
+    vocab_parallel = vocab_parallel_layout(embedding.shape, len(paths), params, defaults.get("vocab_parallel_embedding", True))
 
     def merged(key: str) -> torch.Tensor:
         return resharded_state_dict([{key: s[key]} for s in shards], 0, 1, vocab_parallel)[key]
@@ -239,12 +223,10 @@ def read_meta_folder(src: Path) -> Tuple[Dict[str, Any], MetaTensors, bool]:
 
 
 def family_defaults(folder: Path, params: Dict[str, Any]) -> Dict[str, Any]:
-    """The values params.json leaves to the tokenizer family (llama.generation.FAMILY_DEFAULTS).
+    """The values params.json leaves to the tokenizer family (llama.args.FAMILY_DEFAULTS).
 
     The folder's tokenizer file tells the family; without one, vocab_size -1 marks Llama 2, as in Meta's files.
     """
-    from llama.generation import FAMILY_DEFAULTS
-
     tokenizers = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
     if tokenizers:
         family = tokenizer_family(tokenizers[0])
@@ -255,8 +237,6 @@ def family_defaults(folder: Path, params: Dict[str, Any]) -> Dict[str, Any]:
 
 def tokenizer_family(path: Path) -> Optional[str]:
     """The family llama.tokenizer.Tokenizer reads this file as, None if it cannot read it."""
-    from llama.tokenizer import Tokenizer
-
     try:
         return Tokenizer(str(path)).family
     except ValueError:
@@ -265,8 +245,6 @@ def tokenizer_family(path: Path) -> Optional[str]:
 
 def vocab_parallel_for(tokenizer_path: Optional[Path]) -> bool:
     """How Meta's shards of this tokenizer family split tok_embeddings (by vocabulary unless the family says otherwise)."""
-    from llama.generation import FAMILY_DEFAULTS
-
     if tokenizer_path is None:
         return True
     family = tokenizer_family(tokenizer_path)

@@ -108,14 +108,19 @@ def select_device(device: Union[str, torch.device, None] = None) -> torch.device
     return torch.device("cpu")
 
 
-def select_dtype(device: torch.device, dtype: Union[str, torch.dtype, None] = None) -> torch.dtype:
-    """The given dtype, else bf16 on GPUs that support it (fp16 on older ones) and fp32 elsewhere."""
+def dtype_named(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    """A dtype given by name ("bf16", "float32"...) or as itself; ValueError names the known names."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def select_dtype(device: torch.device, dtype: Union[str, torch.dtype, None] = None) -> torch.dtype:
+    """The given dtype, else bf16 on GPUs that support it (fp16 on older ones) and fp32 elsewhere."""
     if dtype is not None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-        return _DTYPES[dtype]
+        return dtype_named(dtype)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32

@@ -1,7 +1,7 @@
 """llama-chat: a multi-turn conversation with a chat model of either family, in the terminal.
 
     llama-chat --ckpt_dir Meta-Llama-3-8B-Instruct/ --tokenizer_path Meta-Llama-3-8B-Instruct/tokenizer.model
-    torchrun --nproc_per_node 8 -m llama.chat_cli --ckpt_dir Meta-Llama-3-70B-Instruct/ --tokenizer_path ...
+    torchrun --nproc_per_node 8 -m llama.cli.chat --ckpt_dir Meta-Llama-3-70B-Instruct/ --tokenizer_path ...
 
 Answers stream as they are generated. Ctrl-C stops the answer being written and keeps the part
 shown; at the prompt it discards the line, as shells do. /quit, /exit or Ctrl-D (end of input)
@@ -18,12 +18,12 @@ from typing import List, Optional, TextIO
 import fire
 import torch.distributed as dist
 
+from llama.args import check_sampling_args
 from llama.chat_format import UNSAFE_ERROR, Dialog, Message
-from llama.cli_errors import reported_errors
-from llama.demo import checkpoint_or_demo
-from llama.distributed import input_group
+from llama.cli.demo import checkpoint_or_demo
+from llama.cli.errors import reported_errors
 from llama.generation import Llama
-from llama.sampling_args import check_sampling_args
+from llama.runtime.distributed import input_group
 
 PROMPT = "> "
 BANNER = "Chatting with the model: /help lists the commands, /quit or Ctrl-D leaves.\n\n"

@@ -16,7 +16,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 
-from llama.checkpoint import CheckpointError
+from llama.args import CheckpointError
 
 DTYPES: Dict[str, torch.dtype] = {
     "F64": torch.float64,

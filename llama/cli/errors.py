@@ -21,8 +21,8 @@ import os
 import sys
 from typing import Iterator
 
-from llama.checkpoint import CheckpointError
-from llama.distributed import describe_collective_failure, peer_ended
+from llama.args import CheckpointError
+from llama.runtime.distributed import describe_collective_failure, peer_ended
 
 DEBUG_ENV = "LLAMA_DEBUG"
 EXPECTED = (ValueError, TypeError, OSError, RuntimeError)

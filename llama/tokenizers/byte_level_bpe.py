@@ -12,7 +12,7 @@ file forms it accepts (anything else is refused with the reason):
 - added tokens without lstrip/rstrip/single_word.
 
 BOS, EOS and the chat template come from `tokenizer_config.json` beside the file, as in a Hugging
-Face folder (see `llama.tokenizer_convert` for the files written from GGUF). The family is
+Face folder (see `llama.tokenizers.convert` for the files written from GGUF). The family is
 "chatml" when `<|im_start|>` and `<|im_end|>` are special tokens, else "bpe".
 
 The engine is tiktoken, ranks in merge order: it merges the adjacent pair whose concatenation
@@ -48,7 +48,7 @@ from typing import (
 
 import tiktoken
 
-from llama.tokenizer import Tokenizer, _check_file, _check_str, _split_long_runs, replace_lone_surrogates
+from llama.tokenizers.base import Tokenizer, check_file, check_str, replace_lone_surrogates, split_long_runs
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +109,14 @@ class ByteLevelBPETokenizer(Tokenizer):
             docstring (the message names the field and value), or no EOS token can be found.
     """
 
+    @staticmethod
+    def reads(head: bytes) -> bool:
+        return head.lstrip()[:1] == b"{"
+
     def __init__(self, model_path: str):
-        path = _check_file(Path(model_path))
-        spec = _read_json(path)
-        config = _read_tokenizer_config(path.parent)
+        path = check_file(Path(model_path))
+        spec = read_json(path)
+        config = read_tokenizer_config(path.parent)
         model = _check_bpe_model(spec, path)
         pattern = pattern_for(spec.get("pre_tokenizer"), path)
         _check_no_normalizer(spec, path)
@@ -271,12 +275,12 @@ class ByteLevelBPETokenizer(Tokenizer):
             TypeError: `s` is not a str.
             ValueError: `s` holds text of a special token named in `disallowed_special`.
         """
-        _check_str(s)
+        check_str(s)
         s = replace_lone_surrogates(s)
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
         allowed |= self._always_matched
         t: List[int] = []
-        for piece in _split_long_runs(s, MAX_RUN_CHARS):
+        for piece in split_long_runs(s, MAX_RUN_CHARS):
             if self._absent_bytes and _holds_any(piece, self._absent_bytes):
                 t.extend(self._encode_exactly(piece, allowed, disallowed_special))
             else:
@@ -420,7 +424,7 @@ def _byte_level_ok(form: Mapping[str, Any], use_regex: bool) -> bool:
     return not form.get("add_prefix_space", False) and form.get("use_regex", True) is use_regex
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
+def read_json(path: Path) -> Dict[str, Any]:
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -512,7 +516,7 @@ def _post_processor_bos(post_processor: Any, path: Path) -> Optional[str]:
     return None
 
 
-def _read_tokenizer_config(folder: Path) -> Dict[str, Any]:
+def read_tokenizer_config(folder: Path) -> Dict[str, Any]:
     path = folder / "tokenizer_config.json"
     if not path.is_file():
         return {}

@@ -2,7 +2,7 @@
 
     llama-convert Llama-3.1-8B-Instruct/ llama-3.1-8b-instruct/                  # HF -> Meta, 1 shard
     llama-convert Llama-2-70b-hf/ llama-2-70b/ --model_parallel_size 8           # HF -> Meta, 8 shards
-    llama-convert "$(python -m llama.demo)" smollm2/ --dtype bf16              # GGUF -> Meta (the demo's file)
+    llama-convert "$(python -m llama.cli.demo)" smollm2/ --dtype bf16              # GGUF -> Meta (the demo's file)
     llama-convert llama-2-7b/ llama-2-7b-hf/                                     # Meta -> HF (--to hf)
 
 The direction follows the source: Meta folders become Hugging Face folders, anything else a Meta
@@ -13,8 +13,9 @@ from typing import Optional
 
 import fire
 
-from llama.cli_errors import reported_errors
-from llama.convert import convert_meta_to_hf, convert_to_meta, detect_format
+from llama.checkpoints.convert import convert_meta_to_hf, convert_to_meta
+from llama.checkpoints.source import detect_format
+from llama.cli.errors import reported_errors
 
 
 def main(

@@ -1,0 +1,1 @@
+"""What happens between the model's steps and the caller: per-token text events for streaming."""
