@@ -12,6 +12,7 @@ from checkpoints import TINY_PARAMS, random_state_dict
 from llama.args import CheckpointError, ModelArgs
 from llama.checkpoints.convert import convert_to_meta
 from llama.checkpoints.gguf import gguf_name
+from llama.checkpoints.gguf_metadata import read_gguf_header
 from llama.checkpoints.load import load_into
 from llama.checkpoints.meta import checkpoint_paths, load_shard, read_params, shard_dim
 from llama.checkpoints.source import detect_format, read_as_meta
@@ -65,6 +66,17 @@ def test_smollm2_metadata_maps_to_its_model_card(smollm2_gguf_path):
         "norm_eps": 1e-5, "rope_theta": 100000.0, "use_scaled_rope": False,
     }  # fmt: skip
     assert tensors.tied and tensors.spec("tok_embeddings.weight") == (torch.float32, (49152, 576))
+
+
+def test_header_reader_finds_every_tensor_where_the_gguf_package_does(smollm2_gguf_path):
+    gguf = pytest.importorskip("gguf")
+    header = read_gguf_header(smollm2_gguf_path, prefix="llama.")
+    theirs = gguf.GGUFReader(smollm2_gguf_path)
+    assert {t.name: (tuple(int(d) for d in t.shape), int(t.tensor_type), int(t.data_offset)) for t in theirs.tensors} == {
+        t.name: (t.dims, t.type_id, t.file_offset) for t in header.tensors.values()
+    }
+    assert header.array_lengths["tokenizer.ggml.tokens"] == 49152
+    assert not any(key.startswith("tokenizer.") for key in header.metadata)  # skipped, not decoded
 
 
 def test_smollm2_converts_to_a_meta_folder_with_its_tokenizer(smollm2_gguf_path, tmp_path):

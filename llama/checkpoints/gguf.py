@@ -1,7 +1,9 @@
 """llama.cpp GGUF files of Llama-architecture models, read as params.json values and Meta-named tensors.
 
-Hyper-parameters come from the `llama.*` metadata; tensors are memory-mapped by the `gguf`
-package's reader and dequantized one at a time with `gguf.quants.dequantize`. llama.cpp keeps q/k
+Hyper-parameters come from the `llama.*` metadata; tensors are memory-mapped from the file (its
+header read by llama.checkpoints.gguf_metadata, not the `gguf` package's reader, which holds tens
+of MB of numpy objects for the vocabulary) and dequantized one at a time with
+`gguf.quants.dequantize`. llama.cpp keeps q/k
 in Meta's interleaved RoPE layout, so no rows are permuted. GGUF lists a tensor's dimensions
 fastest-varying first (ne0 = row length), the reverse of torch's shape.
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from llama.args import CheckpointError, check_params
+from llama.checkpoints.gguf_metadata import TensorInfo, read_gguf_header
 from llama.checkpoints.tensors import MetaTensors, TensorSpec, check_shapes, ordered_params, solve_ffn
 from llama.model import apply_scaling
 
@@ -82,22 +85,23 @@ def read_gguf_as_meta(path: Path) -> Tuple[Dict[str, Any], MetaTensors]:
     """
     gguf = import_gguf()
     try:
-        reader = gguf.GGUFReader(path, "c")  # copy-on-write: torch gets writable arrays, the file stays untouched
+        header = read_gguf_header(path, prefix=("general.", "llama."))  # not the tokenizer's arrays
+        file = np.memmap(path, mode="c")  # copy-on-write: torch gets writable arrays, the file stays untouched
+        tensors = {name: _Tensor(gguf, info, file) for name, info in header.tensors.items()}
     except (ValueError, OSError, KeyError, IndexError) as e:
         raise CheckpointError(f"cannot read {path} as a GGUF file: {e}; is the download complete?") from e
 
     def field(key: str, default: Any = _REQUIRED) -> Any:
-        if key not in reader.fields:
+        if key not in header.metadata:
             if default is _REQUIRED:
                 raise CheckpointError(f"{path} lacks the metadata {key!r}, which a Llama GGUF file has")
             return default
-        return reader.fields[key].contents()
+        return header.metadata[key]
 
     architecture = field("general.architecture")
     if architecture != "llama":
         raise CheckpointError(f"{path}: general.architecture = {architecture!r}; only 'llama' GGUF files can be converted")
-    tensors = {t.name: t for t in reader.tensors}
-    params = _params(path, field, tensors)
+    params = _params(path, field, header.array_lengths.get("tokenizer.ggml.tokens"), tensors)
 
     names: Dict[str, str] = {}
     unknown = []
@@ -113,7 +117,7 @@ def read_gguf_as_meta(path: Path) -> Tuple[Dict[str, Any], MetaTensors]:
     specs: Dict[str, TensorSpec] = {}
     for key, name in names.items():
         t = tensors[name]
-        specs[key] = (_FLOAT_TYPES.get(t.tensor_type.name, torch.float32), tuple(reversed([int(d) for d in t.shape])))
+        specs[key] = (_FLOAT_TYPES.get(t.kind, torch.float32), t.shape)
     check_shapes(params, specs, str(path), lambda key: names.get(key) or gguf_name(key), "llama.block_count")
 
     def load(key: str) -> torch.Tensor:
@@ -123,13 +127,30 @@ def read_gguf_as_meta(path: Path) -> Tuple[Dict[str, Any], MetaTensors]:
         # Block rows are weight rows: llama.cpp's q/k rows are already in Meta's order (no
         # permutation here), so the blocks are the weight as Meta's model reads it.
         t = tensors[names[key]]
-        kind = t.tensor_type.name
-        return (kind, t.data) if kind in KEPT_TYPES and t.data.ndim == 2 else None
+        return (t.kind, t.data) if t.kind in KEPT_TYPES and t.data.ndim == 2 else None
 
     return params, MetaTensors(specs, load, str(path), blocks)
 
 
-def _params(path: Path, field, tensors: Dict[str, Any]) -> Dict[str, Any]:
+class _Tensor:
+    """A tensor of the file, its bytes memory-mapped: `data` is what the gguf package's reader gives,
+    a float array shaped as torch's shape, or for a quantization the raw blocks (rows, row_bytes)."""
+
+    def __init__(self, gguf, info: TensorInfo, file: np.ndarray):
+        qtype = gguf.GGMLQuantizationType(info.type_id)
+        block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        self.name, self.qtype, self.kind = info.name, qtype, qtype.name
+        self.shape = tuple(int(d) for d in reversed(info.dims))  # torch's order: slowest-varying first
+        row_bytes = info.dims[0] // block * block_bytes
+        rows = int(np.prod(info.dims[1:], dtype=np.int64))
+        raw = file[info.file_offset : info.file_offset + rows * row_bytes]
+        if len(raw) < rows * row_bytes:
+            raise ValueError(f"tensor {info.name} runs past the end of the file")
+        float_dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64}.get(self.kind)
+        self.data = raw.view(float_dtype).reshape(self.shape) if float_dtype else raw.reshape(*self.shape[:-1], row_bytes)
+
+
+def _params(path: Path, field, token_count: Optional[int], tensors: Dict[str, Any]) -> Dict[str, Any]:
     def refuse(key: str, value: Any, why: str) -> CheckpointError:
         return CheckpointError(f"{path}: {key} = {value!r}: {why}")
 
@@ -158,7 +179,7 @@ def _params(path: Path, field, tensors: Dict[str, Any]) -> Dict[str, Any]:
     theta = _float32(field("llama.rope.freq_base", 10000.0))
     vocab_size = field("llama.vocab_size", None)
     if vocab_size is None:
-        vocab_size = len(field("tokenizer.ggml.tokens", [])) or int(tensors["token_embd.weight"].shape[1])
+        vocab_size = token_count or tensors["token_embd.weight"].shape[0]
     multiple_of, ffn_dim_multiplier = solve_ffn(dim, int(field("llama.feed_forward_length")))
     params = ordered_params(
         {
@@ -203,26 +224,25 @@ def _check_types(gguf, path: Path, tensors) -> None:
     """Every tensor is a float type or a quantization the gguf package dequantizes (tried on one row)."""
     tried = set()
     for t in tensors:
-        kind = t.tensor_type
-        if kind.name in _FLOAT_TYPES or kind in tried:
+        kind = t.qtype
+        if t.kind in _FLOAT_TYPES or kind in tried:
             continue
         try:
             gguf.quants.dequantize(t.data.reshape(-1, t.data.shape[-1])[:1], kind)
         except (NotImplementedError, ValueError, KeyError) as e:
             raise CheckpointError(
-                f"{path}: tensor {t.name} has type {kind.name}, which the installed gguf package cannot dequantize ({e}); "
+                f"{path}: tensor {t.name} has type {t.kind}, which the installed gguf package cannot dequantize ({e}); "
                 "use a file with another quantization (e.g. Q8_0, Q4_K, Q6_K, F16) or upgrade gguf"
             ) from e
         tried.add(kind)
 
 
-def _to_torch(gguf, t, shape: Tuple[int, ...]) -> torch.Tensor:
-    kind = t.tensor_type.name
-    if kind == "BF16":  # the reader gives raw bytes
+def _to_torch(gguf, t: _Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    if t.kind == "BF16":  # raw bytes: numpy has no bfloat16
         return torch.from_numpy(t.data.reshape(-1)).view(torch.bfloat16).reshape(shape)
-    if kind in _FLOAT_TYPES:
+    if t.kind in _FLOAT_TYPES:
         return torch.from_numpy(t.data).reshape(shape)
-    return torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(shape)
+    return torch.from_numpy(gguf.quants.dequantize(t.data, t.qtype)).reshape(shape)
 
 
 def _float32(value: float) -> float:

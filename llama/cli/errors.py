@@ -10,7 +10,8 @@ the library use for the machine itself: no CUDA, no C++ compiler, out of memory,
 stopped answering. Anything else (KeyError, AttributeError...) is a bug and keeps its traceback.
 
 Under torchrun every process reads the same arguments and files until the process group is
-joined, so errors before that are printed by rank 0 alone; afterwards a rank can fail on its own
+joined, so errors before that are printed by rank 0 alone (the other ranks wait for it to print
+before they end: torchrun stops every rank as soon as one ends); afterwards a rank can fail on its own
 (its shard, a peer that does not answer), and such errors are printed by the rank that saw them,
 naming it; that another rank ended is said by rank 0 only. torchrun then prints its own summary
 (ChildFailedError, with a traceback of torchrun itself) below the line.
@@ -19,6 +20,7 @@ naming it; that another rank ended is said by rank 0 only. torchrun then prints 
 import contextlib
 import os
 import sys
+import time
 from typing import Iterator
 
 from llama.args import CheckpointError
@@ -29,6 +31,9 @@ EXPECTED = (ValueError, TypeError, OSError, RuntimeError)
 # Errors that can differ between ranks once they work on their own shard and talk to each other.
 RANK_OWN = (CheckpointError, OSError, RuntimeError)
 INTERRUPTED = 130  # as shells report a program ended by Ctrl-C
+# How long a rank other than 0 waits, on an error every rank meets, for rank 0 to print it; torchrun
+# ends the waiting ranks as soon as rank 0 ends.
+RANK0_GRACE_S = 30.0
 
 
 def debugging() -> bool:
@@ -52,7 +57,9 @@ def reported_errors() -> Iterator[None]:
         rank = int(os.environ.get("RANK", 0))
         if rank == 0:
             print(f"error: {message}", file=sys.stderr, flush=True)
-        elif _group_joined() and isinstance(e, RANK_OWN) and not peer_ended(e):
+        elif not _group_joined():
+            time.sleep(RANK0_GRACE_S)
+        elif isinstance(e, RANK_OWN) and not peer_ended(e):
             print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
