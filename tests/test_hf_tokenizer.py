@@ -1,9 +1,13 @@
 """Byte-level BPE tokenizers from tokenizer.json, and the tokenizer files written from GGUF and
 Hugging Face folders: ids equal to transformers' and to the original tokenizers' recorded ids."""
 
+import builtins
+import io
 import json
 import random
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,10 +18,16 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
 
 from llama.checkpoints.gguf_metadata import read_gguf_metadata
+from llama.checkpoints.source import CheckpointSource, open_tokenizer
 from llama.decoding.stream import IncrementalDecoder
 from llama.tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 from llama.tokenizers.byte_level_bpe import ByteLevelBPETokenizer
-from llama.tokenizers.convert import write_tokenizer_from_gguf, write_tokenizer_from_hf
+from llama.tokenizers.convert import (
+    tokenizer_from_gguf,
+    tokenizer_from_hf,
+    write_tokenizer_from_gguf,
+    write_tokenizer_from_hf,
+)
 
 TRICKY_TEXTS = [
     "Hello, world! It's 3.14 o'clock.",
@@ -402,6 +412,105 @@ def test_hf_folder_with_unsupported_tokenizer_json_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="model type 'WordPiece'"):
         write_tokenizer_from_hf(folder, out)
     assert not out.exists() or not any(out.iterdir())
+
+
+# Tokenizers built in memory: what Llama.build uses for a GGUF file or a Hugging Face folder
+
+SMOLLM2_JINJA = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf_folder(tmp_path_factory, smollm2_tokenizer_json):
+    """A Hugging Face folder with SmolLM2's tokenizer.json and tokenizer_config.json, and a
+    chat_template.jinja as newer folders keep it."""
+    folder = tmp_path_factory.mktemp("SmolLM2-hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(smollm2_tokenizer_json.parent / name, folder / name)
+    (folder / "chat_template.jinja").write_text(SMOLLM2_JINJA)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama2_hf_folder(tmp_path_factory, llama2_tokenizer_path):
+    folder = tmp_path_factory.mktemp("Llama-2-hf")
+    shutil.copyfile(llama2_tokenizer_path, folder / "tokenizer.model")
+    return folder
+
+
+CONVERTED_SOURCES = {
+    "gguf-sentencepiece": lambda get: get("vocab_gguf")("llama-spm"),
+    "gguf-llama3": lambda get: get("vocab_gguf")("llama-bpe"),
+    "gguf-byte-level": lambda get: get("smollm2_gguf_path"),
+    "hf-tokenizer-model": lambda get: get("llama2_hf_folder"),
+    "hf-llama3": lambda get: get("llama3_hf_folder"),
+    "hf-byte-level": lambda get: get("smollm2_hf_folder"),
+}
+
+
+@pytest.fixture(params=sorted(CONVERTED_SOURCES))
+def converted_source(request) -> Path:
+    """A GGUF file or a Hugging Face folder, one of each kind of tokenizer they convert to."""
+    return CONVERTED_SOURCES[request.param](request.getfixturevalue)
+
+
+@pytest.fixture
+def no_file_written(monkeypatch, tmp_path):
+    """Fails any opening of a file for writing, and points temporary folders at an empty one."""
+    real_open = io.open
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if set(mode) & set("wax+"):
+            raise AssertionError(f"{file} opened for writing (mode {mode!r})")
+        return real_open(file, mode, *args, **kwargs)
+
+    empty = tmp_path / "tmp"
+    empty.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(empty))
+    monkeypatch.setattr(io, "open", read_only_open)
+    monkeypatch.setattr(builtins, "open", read_only_open)
+    yield
+    monkeypatch.undo()
+    assert list(empty.iterdir()) == []
+
+
+def in_memory(source: Path) -> Tokenizer:
+    return tokenizer_from_gguf(source) if source.is_file() else tokenizer_from_hf(source)
+
+
+def written(source: Path, out_dir: Path) -> Tokenizer:
+    write = write_tokenizer_from_gguf if source.is_file() else write_tokenizer_from_hf
+    return Tokenizer(str(write(source, out_dir)))
+
+
+def test_opening_a_converted_sources_tokenizer_writes_no_file(converted_source, no_file_written):
+    source = CheckpointSource(converted_source, params={}, tensors={})
+    tokenizer = open_tokenizer(source, tokenizer_path=None)
+    assert tokenizer.encode("Hello", bos=False, eos=False)
+
+
+def test_in_memory_tokenizer_has_the_attributes_of_the_written_one(converted_source, tmp_path):
+    ours, theirs = in_memory(converted_source), written(converted_source, tmp_path)
+    assert type(ours) is type(theirs)
+    for name in ("family", "n_words", "bos_id", "eos_id", "pad_id", "stop_tokens", "special_tokens"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert getattr(ours, "chat_template", None) == getattr(theirs, "chat_template", None)
+
+
+def test_in_memory_tokenizer_encodes_and_decodes_as_the_written_one(converted_source, tmp_path):
+    ours, theirs = in_memory(converted_source), written(converted_source, tmp_path)
+    # SentencePiece has no special-token text; the BPE tokenizers read it as text or, allowed, as ids.
+    options = [{}] if isinstance(ours, SentencePieceTokenizer) else [{}, {"allowed_special": "all"}]
+    texts = TRICKY_TEXTS + ["<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"]
+    for text in texts:
+        for kwargs in options:
+            ids = ours.encode(text, bos=True, eos=True, **kwargs)
+            assert ids == theirs.encode(text, bos=True, eos=True, **kwargs), (text, kwargs)
+            assert ours.decode(ids) == theirs.decode(ids), text
+
+
+def test_hf_folders_chat_template_jinja_is_the_template_in_memory_and_written(smollm2_hf_folder, tmp_path):
+    assert in_memory(smollm2_hf_folder).chat_template == SMOLLM2_JINJA
+    assert written(smollm2_hf_folder, tmp_path).chat_template == SMOLLM2_JINJA
 
 
 # Unsupported tokenizer.json forms fail with the field and value

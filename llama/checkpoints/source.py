@@ -1,11 +1,10 @@
 """What Llama.build loads from: a Meta folder, or a Hugging Face folder / GGUF file converted in memory.
 
 Both end as the same thing: a params.json dict and, for each model-parallel rank, a state_dict
-with Meta's keys and layout. Foreign checkpoints are read tensor by tensor (llama.checkpoints.hf, llama.checkpoints.gguf), so
-nothing is written to disk except their tokenizer, rebuilt in a temporary folder.
+with Meta's keys and layout. Foreign checkpoints are read tensor by tensor (llama.checkpoints.hf, llama.checkpoints.gguf)
+and their tokenizer is built in memory (llama.tokenizers.convert), so nothing is written to disk.
 """
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
@@ -20,7 +19,7 @@ from llama.checkpoints.meta import TOKENIZER_FILES, checkpoint_paths, load_for_r
 from llama.checkpoints.tensors import MetaTensors, read_meta_folder
 from llama.kernels import BLOCK
 from llama.tokenizer import Tokenizer
-from llama.tokenizers.convert import write_tokenizer_from_gguf, write_tokenizer_from_hf
+from llama.tokenizers.convert import tokenizer_from_gguf, tokenizer_from_hf
 
 PathLike = Union[str, Path]
 _KINDS = "a Hugging Face folder (config.json + weights), a .gguf file or a Meta folder (params.json + consolidated.*.pth)"
@@ -186,10 +185,6 @@ def open_tokenizer(source: CheckpointSource, tokenizer_path: Optional[str]) -> T
             f"no tokenizer file ({', '.join(TOKENIZER_FILES)}) in {source.path} or beside it: pass tokenizer_path "
             "(--tokenizer_path), the tokenizer.model that came with the checkpoint"
         )
-    with tempfile.TemporaryDirectory(prefix="llama-tokenizer-") as tmp:
-        if source.path.is_file():
-            written = write_tokenizer_from_gguf(source.path, Path(tmp))
-        else:
-            written = write_tokenizer_from_hf(source.path, Path(tmp))
-        return Tokenizer(model_path=str(written))
-
+    if source.path.is_file():
+        return tokenizer_from_gguf(source.path)
+    return tokenizer_from_hf(source.path)

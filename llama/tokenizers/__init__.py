@@ -1,4 +1,4 @@
-"""Tokenizer back-ends, one per file format, and the tokenizer files written for converted sources.
+"""Tokenizer back-ends, one per file format, and the tokenizers of converted sources (convert).
 
 Importing this package registers every back-end with Tokenizer's choice by file content.
 """

@@ -115,36 +115,52 @@ class ByteLevelBPETokenizer(Tokenizer):
 
     def __init__(self, model_path: str):
         path = check_file(Path(model_path))
-        spec = read_json(path)
-        config = read_tokenizer_config(path.parent)
-        model = _check_bpe_model(spec, path)
-        pattern = pattern_for(spec.get("pre_tokenizer"), path)
-        _check_no_normalizer(spec, path)
-        _check_byte_level_decoder(spec, path)
-        added = _added_tokens(spec, path)
+        self._load(read_json(path), read_tokenizer_config(path.parent), str(path))
 
-        self._read_vocab(path, model["vocab"], added)
-        self._build_bpe(path, pattern, model, added)
+    @classmethod
+    def from_spec(
+        cls, spec: Mapping[str, Any], config: Mapping[str, Any], source: str
+    ) -> "ByteLevelBPETokenizer":
+        """The tokenizer a tokenizer.json holding `spec` makes, with `config` as the
+        tokenizer_config.json beside it (its chat_template is the chat template); `source` names
+        where they came from in errors.
+
+        Raises:
+            ValueError: as the class docstring says.
+        """
+        tokenizer = cls.__new__(cls)
+        tokenizer._load(spec, config, source)
+        return tokenizer
+
+    def _load(self, spec: Mapping[str, Any], config: Mapping[str, Any], source: str) -> None:
+        model = _check_bpe_model(spec, source)
+        pattern = pattern_for(spec.get("pre_tokenizer"), source)
+        _check_no_normalizer(spec, source)
+        _check_byte_level_decoder(spec, source)
+        added = _added_tokens(spec, source)
+
+        self._read_vocab(source, model["vocab"], added)
+        self._build_bpe(source, pattern, model, added)
         self.special_tokens: Dict[str, int] = {a["content"]: a["id"] for a in added if a["special"]}
         # HF matches non-special added tokens in any text, as if always allowed.
         self._always_matched = frozenset(a["content"] for a in added if not a["special"])
 
         self.pad_id: int = -1
-        self.bos_id: int = self._bos_id(spec, config, path)
-        self.eos_id: int = self._eos_id(config, path)
+        self.bos_id: int = self._bos_id(spec, config, source)
+        self.eos_id: int = self._eos_id(config, source)
         self.stop_tokens: Set[int] = {self.eos_id} | {
             self.special_tokens[name] for name in END_TOKENS if name in self.special_tokens
         }
         self.family: str = (
             "chatml" if all(name in self.special_tokens for name in CHATML_TOKENS) else "bpe"
         )
-        self.chat_template: Optional[str] = _chat_template(config, path.parent)
+        self.chat_template: Optional[str] = _chat_template(config)
         logger.info(
             "Loaded byte-level BPE tokenizer from %s: #words %d, BOS %d, EOS %d, family %s",
-            path, self.n_words, self.bos_id, self.eos_id, self.family,
+            source, self.n_words, self.bos_id, self.eos_id, self.family,
         )
 
-    def _read_vocab(self, path: Path, vocab: Mapping[str, int], added: List[Dict[str, Any]]) -> None:
+    def _read_vocab(self, source: str, vocab: Mapping[str, int], added: List[Dict[str, Any]]) -> None:
         """Sets n_words, the bytes of every id (added tokens: their text) and bytes -> id."""
         self.n_words: int = 1 + max([*vocab.values(), *(a["id"] for a in added)], default=-1)
         self._id_bytes: List[Optional[bytes]] = [None] * self.n_words
@@ -154,7 +170,7 @@ class ByteLevelBPETokenizer(Tokenizer):
             spelled = token_bytes(token)
             if spelled is None and i not in added_ids:
                 raise ValueError(
-                    f"tokenizer file {path}: vocabulary entry {token!r} is not spelled in the "
+                    f"tokenizer file {source}: vocabulary entry {token!r} is not spelled in the "
                     f"GPT-2 byte alphabet: not a byte-level BPE vocabulary; {_HINT}"
                 )
             self._id_bytes[i] = spelled
@@ -164,7 +180,7 @@ class ByteLevelBPETokenizer(Tokenizer):
             self._id_bytes[a["id"]] = a["content"].encode("utf-8")
 
     def _build_bpe(
-        self, path: Path, pattern: str, model: Mapping[str, Any], added: List[Dict[str, Any]]
+        self, source: str, pattern: str, model: Mapping[str, Any], added: List[Dict[str, Any]]
     ) -> None:
         """tiktoken's ranks are its ids: single bytes, then each merge's result in merge order,
         then added tokens; `_ids` maps them to the file's ids."""
@@ -178,13 +194,13 @@ class ByteLevelBPETokenizer(Tokenizer):
         # HF's own merge table, for the exact path: (left, right) -> priority.
         self._merge_ranks: Dict[Tuple[bytes, bytes], int] = {}
         for rank, merge in enumerate(model["merges"]):
-            left, right = _merge_pair(merge, path)
+            left, right = _merge_pair(merge, source)
             pair = (token_bytes(left), token_bytes(right))
             result = token_bytes(left + right)
             merged = self._vocab_bytes.get(result) if result is not None else None
             if pair[0] not in self._vocab_bytes or pair[1] not in self._vocab_bytes or merged is None:
                 raise ValueError(
-                    f"tokenizer file {path}: merge {rank} ({left!r}, {right!r}) uses or makes a "
+                    f"tokenizer file {source}: merge {rank} ({left!r}, {right!r}) uses or makes a "
                     f"token missing from the byte-level vocabulary; {_HINT}"
                 )
             self._merge_ranks[pair] = rank  # type: ignore[index]
@@ -203,21 +219,21 @@ class ByteLevelBPETokenizer(Tokenizer):
             self._ids.append(a["id"])
         try:
             self._bpe = tiktoken.Encoding(
-                name=path.name,
+                name=Path(source).name,
                 pat_str=pattern,
                 mergeable_ranks=ranks,
                 special_tokens=self._special_ranks,
             )
         except ValueError as e:
-            raise ValueError(f"tokenizer file {path}: pre-tokenizer regex rejected: {e}") from e
+            raise ValueError(f"tokenizer file {source}: pre-tokenizer regex rejected: {e}") from e
         self._pattern = pattern
         self._exact_splitter: Optional[Any] = None  # compiled on first use of the exact path
 
-    def _bos_id(self, spec: Mapping[str, Any], config: Mapping[str, Any], path: Path) -> int:
+    def _bos_id(self, spec: Mapping[str, Any], config: Mapping[str, Any], source: str) -> int:
         """The BOS id if the original tokenizer adds one, else -1. tokenizer_config.json's
         add_bos_token and bos_token decide (transformers rebuilds the post-processor from them);
         without add_bos_token, the special token the post-processor puts first, if any."""
-        template_bos = _post_processor_bos(spec.get("post_processor"), path)
+        template_bos = _post_processor_bos(spec.get("post_processor"), source)
         if "add_bos_token" not in config:
             bos = template_bos
         elif not config["add_bos_token"]:
@@ -226,19 +242,19 @@ class ByteLevelBPETokenizer(Tokenizer):
             bos = _token_name(config.get("bos_token"))
             if bos is None:
                 raise ValueError(
-                    f"tokenizer_config.json beside {path} sets add_bos_token but names no bos_token"
+                    f"tokenizer_config.json beside {source} sets add_bos_token but names no bos_token"
                 )
         if bos is None:
             return -1
         bos_id = self._token_id(bos)
         if bos_id is None:
             raise ValueError(
-                f"tokenizer {path} adds BOS {bos!r} (tokenizer_config.json's add_bos_token and "
+                f"tokenizer {source} adds BOS {bos!r} (tokenizer_config.json's add_bos_token and "
                 f"bos_token, or the post-processor), but that is not one of its tokens"
             )
         return bos_id
 
-    def _eos_id(self, config: Mapping[str, Any], path: Path) -> int:
+    def _eos_id(self, config: Mapping[str, Any], source: str) -> int:
         """tokenizer_config.json's eos_token, else <|im_end|> or <|endoftext|>."""
         eos = _token_name(config.get("eos_token"))
         names = [eos] if eos is not None else list(END_TOKENS)
@@ -247,7 +263,7 @@ class ByteLevelBPETokenizer(Tokenizer):
             if i is not None:
                 return i
         raise ValueError(
-            f"tokenizer file {path}: no EOS token: {' or '.join(map(repr, names))} is not a "
+            f"tokenizer file {source}: no EOS token: {' or '.join(map(repr, names))} is not a "
             f"token; put a tokenizer_config.json with eos_token beside it"
         )
 
@@ -380,7 +396,7 @@ class ByteLevelBPETokenizer(Tokenizer):
         ]
 
 
-def pattern_for(pre_tokenizer: Any, path: Path) -> str:
+def pattern_for(pre_tokenizer: Any, source: str) -> str:
     """The one regex whose matches are the pieces the HF `pre_tokenizer` makes.
 
     Raises:
@@ -404,7 +420,7 @@ def pattern_for(pre_tokenizer: Any, path: Path) -> str:
             # the gaps become matches of their own.
             return f"(?:{regex_text})|(?:(?!(?:{regex_text}))[\\s\\S])+"
     raise ValueError(
-        f"tokenizer file {path}: pre_tokenizer {json.dumps(pre_tokenizer)[:300]} is not "
+        f"tokenizer file {source}: pre_tokenizer {json.dumps(pre_tokenizer)[:300]} is not "
         f"supported; supported: ByteLevel(use_regex) as GPT-2, Digits(individual_digits) then "
         f"ByteLevel(use_regex) as StarCoder/SmolLM2, Split(Regex, Isolated) then "
         f"ByteLevel(use_regex=false) as Llama 3; all without add_prefix_space"
@@ -434,71 +450,73 @@ def read_json(path: Path) -> Dict[str, Any]:
     return spec
 
 
-def _check_bpe_model(spec: Mapping[str, Any], path: Path) -> Mapping[str, Any]:
+def _check_bpe_model(spec: Mapping[str, Any], source: str) -> Mapping[str, Any]:
     model = spec.get("model")
     kind = model.get("type") if isinstance(model, dict) else None
     if kind != "BPE":
         raise ValueError(
-            f"tokenizer file {path} has model type {kind!r}; only byte-level BPE tokenizer.json "
+            f"tokenizer file {source} has model type {kind!r}; only byte-level BPE tokenizer.json "
             f"files are supported; {_HINT}"
         )
     for key in ("vocab", "merges"):
         if not isinstance(model.get(key), (dict if key == "vocab" else list)):
-            raise ValueError(f"tokenizer file {path}: model.{key} is missing or malformed")
+            raise ValueError(f"tokenizer file {source}: model.{key} is missing or malformed")
     for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
         if model.get(key):
             raise ValueError(
-                f"tokenizer file {path}: model.{key} = {model[key]!r} is not supported "
+                f"tokenizer file {source}: model.{key} = {model[key]!r} is not supported "
                 f"(byte-level BPE has none); {_HINT}"
             )
     return model
 
 
-def _check_no_normalizer(spec: Mapping[str, Any], path: Path) -> None:
+def _check_no_normalizer(spec: Mapping[str, Any], source: str) -> None:
     if spec.get("normalizer") is not None:
         raise ValueError(
-            f"tokenizer file {path}: normalizer {json.dumps(spec['normalizer'])[:200]} is not "
+            f"tokenizer file {source}: normalizer {json.dumps(spec['normalizer'])[:200]} is not "
             f"supported (byte-level BPE files have none)"
         )
 
 
-def _check_byte_level_decoder(spec: Mapping[str, Any], path: Path) -> None:
+def _check_byte_level_decoder(spec: Mapping[str, Any], source: str) -> None:
     decoder = spec.get("decoder")
     if not isinstance(decoder, dict) or decoder.get("type") != "ByteLevel":
         raise ValueError(
-            f"tokenizer file {path}: decoder {json.dumps(decoder)[:200]} is not supported; "
+            f"tokenizer file {source}: decoder {json.dumps(decoder)[:200]} is not supported; "
             f"byte-level BPE needs the ByteLevel decoder"
         )
 
 
-def _merge_pair(merge: Any, path: Path) -> Tuple[str, str]:
+def _merge_pair(merge: Any, source: str) -> Tuple[str, str]:
     """A merge as HF writes it: "left right" (older files) or ["left", "right"]."""
     parts = merge.split(" ") if isinstance(merge, str) else merge
     if isinstance(parts, list) and len(parts) == 2:
         left, right = parts
         if isinstance(left, str) and isinstance(right, str):
             return left, right
-    raise ValueError(f"tokenizer file {path}: malformed merge {merge!r}")
+    raise ValueError(f"tokenizer file {source}: malformed merge {merge!r}")
 
 
-def _added_tokens(spec: Mapping[str, Any], path: Path) -> List[Dict[str, Any]]:
-    added = spec.get("added_tokens") or []
-    for a in added:
+def _added_tokens(spec: Mapping[str, Any], source: str) -> List[Dict[str, Any]]:
+    """The added tokens, each with its "special" flag (False when absent, as in HF); copies, so
+    that a spec held in memory is left as it was given."""
+    added = []
+    for a in spec.get("added_tokens") or []:
         if not (isinstance(a, dict) and isinstance(a.get("id"), int)) or not isinstance(
             a.get("content"), str
         ):
-            raise ValueError(f"tokenizer file {path}: malformed added token {a!r}")
+            raise ValueError(f"tokenizer file {source}: malformed added token {a!r}")
         flags = [flag for flag in ("lstrip", "rstrip", "single_word") if a.get(flag)]
         if flags:
             raise ValueError(
-                f"tokenizer file {path}: added token {a['content']!r} sets {', '.join(flags)}, "
+                f"tokenizer file {source}: added token {a['content']!r} sets {', '.join(flags)}, "
                 f"which is not supported"
             )
-        a.setdefault("special", False)
+        added.append({**a, "special": a.get("special", False)})
     return added
 
 
-def _post_processor_bos(post_processor: Any, path: Path) -> Optional[str]:
+def _post_processor_bos(post_processor: Any, source: str) -> Optional[str]:
     """The special token a TemplateProcessing post-processor puts before the text, if any."""
     steps = post_processor.get("processors", []) if isinstance(post_processor, dict) and (
         post_processor.get("type") == "Sequence"
@@ -508,7 +526,7 @@ def _post_processor_bos(post_processor: Any, path: Path) -> Optional[str]:
             continue
         if step.get("type") != "TemplateProcessing":
             raise ValueError(
-                f"tokenizer file {path}: post_processor {json.dumps(step)[:200]} is not supported"
+                f"tokenizer file {source}: post_processor {json.dumps(step)[:200]} is not supported"
             )
         single = step.get("single") or []
         if single and "SpecialToken" in single[0]:
@@ -517,14 +535,20 @@ def _post_processor_bos(post_processor: Any, path: Path) -> Optional[str]:
 
 
 def read_tokenizer_config(folder: Path) -> Dict[str, Any]:
+    """A Hugging Face folder's tokenizer_config.json ({} without one), its chat_template taken from
+    chat_template.jinja where newer folders keep it (that file wins, as in transformers)."""
     path = folder / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not readable JSON: {e}") from e
-    return config if isinstance(config, dict) else {}
+    config: Dict[str, Any] = {}
+    if path.is_file():
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not readable JSON: {e}") from e
+        config = loaded if isinstance(loaded, dict) else {}
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        config["chat_template"] = jinja.read_text(encoding="utf-8")
+    return config
 
 
 def _token_name(token: Any) -> Optional[str]:
@@ -534,12 +558,9 @@ def _token_name(token: Any) -> Optional[str]:
     return token if isinstance(token, str) else None
 
 
-def _chat_template(config: Mapping[str, Any], folder: Path) -> Optional[str]:
-    """The default chat template: chat_template.jinja (newer HF folders), else tokenizer_config's
-    chat_template (text, or a list of named templates)."""
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+def _chat_template(config: Mapping[str, Any]) -> Optional[str]:
+    """The default chat template: tokenizer_config's chat_template (text, or a list of named
+    templates)."""
     template = config.get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

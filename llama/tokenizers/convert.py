@@ -1,25 +1,31 @@
-"""The tokenizer file of a Meta-format folder, written from a GGUF file or a Hugging Face folder.
+"""The tokenizer of a GGUF file or a Hugging Face folder: built in memory (what Llama.build uses)
+or written as a Meta folder's tokenizer file (what llama-convert writes), both from one
+in-memory form of it (ConvertedTokenizer), so that the two cannot differ.
 
-What each source becomes (the returned path is the file to pass as tokenizer_path):
+What each source becomes (the file written is the one to pass as tokenizer_path):
 
-- SentencePiece vocabulary (GGUF `tokenizer.ggml.model` = llama; Llama 2 and kin) ->
-  `tokenizer.model`, a SentencePiece model rebuilt from the pieces, scores and types.
+- SentencePiece vocabulary (GGUF `tokenizer.ggml.model` = llama; Llama 2 and kin) -> a
+  SentencePiece model rebuilt from the pieces, scores and types; written as `tokenizer.model`.
 - Meta's Llama 3 vocabulary (GGUF pre-tokenizer llama-bpe, or a tokenizer.json with Meta's 256
-  special tokens) -> `tokenizer.model` in Meta's tiktoken format, byte for byte Meta's file.
+  special tokens) -> Meta's tiktoken tokenizer; written as `tokenizer.model` in Meta's tiktoken
+  format, byte for byte Meta's file.
 - Any other byte-level BPE vocabulary (GPT-2, StarCoder, SmolLM2, Llama 3 vocabularies whose
-  special tokens were renamed) -> `tokenizer.json` in Hugging Face's format, plus a
-  `tokenizer_config.json` beside it holding what the tokenizer.json format has no field for: BOS
-  and EOS, whether BOS is added, and the chat template (the ChatML format reads its default
-  system prompt from there). `ByteLevelBPETokenizer` and transformers both read the pair.
-- A Hugging Face folder with a tokenizer.model: that file, copied.
+  special tokens were renamed) -> a byte-level BPE tokenizer; written as `tokenizer.json` in
+  Hugging Face's format, plus a `tokenizer_config.json` beside it holding what the tokenizer.json
+  format has no field for: BOS and EOS, whether BOS is added, and the chat template (the ChatML
+  format reads its default system prompt from there). `ByteLevelBPETokenizer` and transformers
+  both read the pair.
+- A Hugging Face folder with a tokenizer.model: that file, read in place; written as a copy.
 
-GGUF metadata is read by llama.checkpoints.gguf_metadata (no `gguf` package needed); writing a SentencePiece
-model needs `protobuf`, an optional dependency imported only then.
+GGUF metadata is read by llama.checkpoints.gguf_metadata (no `gguf` package needed); rebuilding a
+SentencePiece model needs `protobuf`, an optional dependency imported only then.
 """
 
 import base64
 import json
 import shutil
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -32,6 +38,7 @@ from llama.tokenizers.byte_level_bpe import (
     read_tokenizer_config,
     token_bytes,
 )
+from llama.tokenizers.sentencepiece_tokenizer import SentencePieceTokenizer
 from llama.tokenizers.tiktoken_tokenizer import TiktokenTokenizer, llama31_special_token_names
 
 _INSTALL_HINT = "pip install -e '.[demo]'"
@@ -73,9 +80,90 @@ GGUF_PRE_TOKENIZERS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def write_tokenizer_from_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Writes the tokenizer of a GGUF file into `out_dir` (see the module docstring for which
-    file) and returns the path of the tokenizer file.
+class ConvertedTokenizer(ABC):
+    """A converted source's tokenizer, held in memory: `load()` makes the Tokenizer from it and
+    `write()` the Meta folder's tokenizer file(s), each from the same data."""
+
+    @abstractmethod
+    def load(self) -> Tokenizer:
+        """The tokenizer, built without writing any file.
+
+        Raises:
+            ValueError: the data make no tokenizer this library can read (the message says why).
+        """
+
+    @abstractmethod
+    def write(self, out_dir: Path) -> Path:
+        """Writes the tokenizer file(s) into `out_dir` (created if missing) and returns the path
+        of the file to pass as tokenizer_path; a tokenizer that load() refuses writes nothing."""
+
+
+@dataclass(frozen=True)
+class _SentencePieceModel(ConvertedTokenizer):
+    model_proto: bytes  # a serialized SentencePiece ModelProto: what tokenizer.model holds
+    source: str
+
+    def load(self) -> Tokenizer:
+        return SentencePieceTokenizer.from_model_proto(self.model_proto, self.source)
+
+    def write(self, out_dir: Path) -> Path:
+        return _write_bytes(out_dir / "tokenizer.model", self.model_proto)
+
+
+@dataclass(frozen=True)
+class _MetaLlama3Vocab(ConvertedTokenizer):
+    tokens: Sequence[bytes]  # the 128,000 BPE tokens, rank = id
+    source: str
+
+    def load(self) -> Tokenizer:
+        ranks = {token: rank for rank, token in enumerate(self.tokens)}
+        return TiktokenTokenizer.from_mergeable_ranks(ranks, self.source)
+
+    def write(self, out_dir: Path) -> Path:
+        return _write_bytes(out_dir / "tokenizer.model", meta_tiktoken_file(self.tokens))
+
+
+@dataclass(frozen=True)
+class _ByteLevelVocab(ConvertedTokenizer):
+    spec: Mapping[str, Any]  # tokenizer.json
+    config: Mapping[str, Any]  # tokenizer_config.json
+    source: str
+    original: Optional[Path] = None  # the tokenizer.json `spec` was read from, copied as is
+
+    def load(self) -> Tokenizer:
+        try:
+            return ByteLevelBPETokenizer.from_spec(self.spec, self.config, self.source)
+        except ValueError as e:
+            raise ValueError(f"{self.source} gives a tokenizer this library cannot read: {e}") from e
+
+    def write(self, out_dir: Path) -> Path:
+        self.load()  # leave no file that Tokenizer() would then refuse
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = out_dir / "tokenizer.json"
+        if self.original is not None:
+            shutil.copyfile(self.original, out)
+        else:
+            out.write_text(json.dumps(self.spec, ensure_ascii=False), encoding="utf-8")
+        config = json.dumps(self.config, ensure_ascii=False, indent=2)
+        (out_dir / "tokenizer_config.json").write_text(config, encoding="utf-8")
+        return out
+
+
+@dataclass(frozen=True)
+class _TokenizerFile(ConvertedTokenizer):
+    path: Path  # a tokenizer file that needs no conversion: read in place, copied to write
+
+    def load(self) -> Tokenizer:
+        return Tokenizer(str(self.path))
+
+    def write(self, out_dir: Path) -> Path:
+        self.load()  # fails now, naming the file, if it could not be read later
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copyfile(self.path, out_dir / self.path.name))
+
+
+def tokenizer_from_gguf(gguf_path: Path) -> Tokenizer:
+    """The tokenizer of a GGUF file, built in memory (see the module docstring for which).
 
     Raises:
         FileNotFoundError: `gguf_path` is not a file.
@@ -83,24 +171,31 @@ def write_tokenizer_from_gguf(gguf_path: Path, out_dir: Path) -> Path:
         ValueError: not a GGUF file, no tokenizer in it, or a tokenizer model / pre-tokenizer
             that is not supported (the message names it and what is).
     """
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    _check_source_file(gguf_path)
+    return _read_gguf_tokenizer(Path(gguf_path)).load()
+
+
+def tokenizer_from_hf(hf_dir: Path) -> Tokenizer:
+    """The tokenizer of a Hugging Face model folder, built in memory (see the module docstring).
+
+    Raises:
+        FileNotFoundError: `hf_dir` has neither tokenizer.model nor tokenizer.json.
+        NotADirectoryError: `hf_dir` is not a folder.
+        ValueError: the tokenizer file is not one this library can read (the message says why).
+    """
+    return _read_hf_tokenizer(Path(hf_dir)).load()
+
+
+def write_tokenizer_from_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Writes the tokenizer of a GGUF file into `out_dir` (see the module docstring for which
+    file) and returns the path of the tokenizer file.
+
+    Raises:
+        NotADirectoryError: `out_dir` exists and is not a folder.
+        FileNotFoundError, ImportError, ValueError: as tokenizer_from_gguf.
+    """
+    out_dir = Path(out_dir)
     _check_out_dir(out_dir)
-    vocab = _GgufVocab(gguf_path)
-    kind = vocab.get("tokenizer.ggml.model")
-    if kind == "llama":
-        out_dir.mkdir(parents=True, exist_ok=True)
-        out = out_dir / "tokenizer.model"
-        out.write_bytes(sentencepiece_model_from_gguf(gguf_path, vocab))
-        return out
-    if kind != "gpt2":
-        raise ValueError(
-            f"{gguf_path}: tokenizer.ggml.model {kind!r} is not supported; supported: 'llama' "
-            f"(SentencePiece) and 'gpt2' (byte-level BPE)"
-        )
-    spec, config = _hf_files_from_gguf(vocab)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return _write_byte_level(spec, config, out_dir, f"{gguf_path}")
+    return _read_gguf_tokenizer(Path(gguf_path)).write(out_dir)
 
 
 def write_tokenizer_from_hf(hf_dir: Path, out_dir: Path) -> Path:
@@ -108,60 +203,62 @@ def write_tokenizer_from_hf(hf_dir: Path, out_dir: Path) -> Path:
     docstring for which file) and returns the path of the tokenizer file.
 
     Raises:
-        FileNotFoundError: `hf_dir` has neither tokenizer.model nor tokenizer.json.
-        NotADirectoryError: `hf_dir` is not a folder.
-        ValueError: the tokenizer file is not one this library can read (the message says why).
+        NotADirectoryError: `hf_dir` is not a folder, or `out_dir` exists and is not a folder.
+        FileNotFoundError, ValueError: as tokenizer_from_hf.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    tokenizer = _read_hf_tokenizer(hf_dir)
+    _check_out_dir(out_dir)
+    return tokenizer.write(out_dir)
+
+
+def _read_gguf_tokenizer(gguf_path: Path) -> ConvertedTokenizer:
+    """The tokenizer a GGUF file's metadata describe, in memory (errors as tokenizer_from_gguf)."""
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+    vocab = _GgufVocab(gguf_path)
+    kind = vocab.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return _SentencePieceModel(sentencepiece_model_from_gguf(gguf_path, vocab), str(gguf_path))
+    if kind != "gpt2":
+        raise ValueError(
+            f"{gguf_path}: tokenizer.ggml.model {kind!r} is not supported; supported: 'llama' "
+            f"(SentencePiece) and 'gpt2' (byte-level BPE)"
+        )
+    spec, config = _hf_files_from_gguf(vocab)
+    return _byte_level(spec, config, str(gguf_path))
+
+
+def _read_hf_tokenizer(hf_dir: Path) -> ConvertedTokenizer:
+    """The tokenizer of a Hugging Face model folder, in memory (errors as tokenizer_from_hf):
+    its tokenizer.model if it has one, else its tokenizer.json and tokenizer_config.json."""
     if not hf_dir.is_dir():
         raise NotADirectoryError(f"Hugging Face model folder {hf_dir} is not a folder")
-    _check_out_dir(out_dir)
     model_file, json_file = hf_dir / "tokenizer.model", hf_dir / "tokenizer.json"
     if model_file.is_file():
-        Tokenizer(str(model_file))  # fails now, naming the file, if we could not read it later
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return Path(shutil.copyfile(model_file, out_dir / "tokenizer.model"))
+        return _TokenizerFile(model_file)
     if not json_file.is_file():
         raise FileNotFoundError(
             f"{hf_dir} has neither tokenizer.model nor tokenizer.json; pass the folder of a "
             f"Hugging Face model"
         )
-    spec = read_json(json_file)
-    config = read_tokenizer_config(hf_dir)
-    chat_template = hf_dir / "chat_template.jinja"
-    if chat_template.is_file() and "chat_template" not in config:
-        config = {**config, "chat_template": chat_template.read_text(encoding="utf-8")}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return _write_byte_level(spec, config, out_dir, f"{json_file}", original=json_file)
+    return _byte_level(read_json(json_file), read_tokenizer_config(hf_dir), str(json_file), json_file)
 
 
-def _write_byte_level(
-    spec: Mapping[str, Any],
-    config: Mapping[str, Any],
-    out_dir: Path,
-    source: str,
-    original: Optional[Path] = None,
-) -> Path:
-    """Meta's tiktoken tokenizer.model for Meta's Llama 3 vocabulary, else tokenizer.json (a copy
-    of `original` if given, else `spec`) and tokenizer_config.json, checked by loading them."""
+def _byte_level(
+    spec: Mapping[str, Any], config: Mapping[str, Any], source: str, original: Optional[Path] = None
+) -> ConvertedTokenizer:
+    """Meta's tiktoken tokenizer for Meta's Llama 3 vocabulary, else the byte-level BPE one."""
     meta_tokens = _meta_llama3_tokens(spec)
     if meta_tokens is not None:
-        out = out_dir / "tokenizer.model"
-        out.write_bytes(meta_tiktoken_file(meta_tokens))
-        return out
-    out, config_path = out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"
-    if original is not None:
-        shutil.copyfile(original, out)
-    else:
-        out.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
-    try:
-        ByteLevelBPETokenizer(str(out))
-    except ValueError as e:  # leave no file that Tokenizer() would then refuse
-        out.unlink()
-        config_path.unlink()
-        raise ValueError(f"{source} gives a tokenizer this library cannot read: {e}") from e
-    return out
+        return _MetaLlama3Vocab(meta_tokens, source)
+    return _ByteLevelVocab(spec, config, source, original)
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
 
 
 def meta_tiktoken_file(tokens: Sequence[bytes]) -> bytes:
@@ -369,11 +466,6 @@ def _hf_files_from_gguf(vocab: _GgufVocab) -> Tuple[Dict[str, Any], Dict[str, An
     if template is not None:
         config["chat_template"] = template
     return spec, config
-
-
-def _check_source_file(path: Path) -> None:
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
 
 
 def _check_out_dir(out_dir: Path) -> None:

@@ -23,14 +23,31 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __init__(self, model_path: str):
         path = check_file(Path(model_path))
+        self._load(str(path), model_file=str(path))
+
+    @classmethod
+    def from_model_proto(cls, model_proto: bytes, source: str) -> "SentencePieceTokenizer":
+        """The tokenizer of a serialized SentencePiece ModelProto, what a tokenizer.model file
+        holds; `source` names where it came from in errors and logs.
+
+        Raises:
+            ValueError: `model_proto` is not a SentencePiece model.
+        """
+        tokenizer = cls.__new__(cls)
+        tokenizer._load(source, model_proto=model_proto)
+        return tokenizer
+
+    def _load(self, source: str, **model: object) -> None:
+        """Loads the model (SentencePieceProcessor's `model_file` or `model_proto`) and sets
+        Meta's attributes from it."""
         try:
-            self.sp_model = SentencePieceProcessor(model_file=str(path))
+            self.sp_model = SentencePieceProcessor(**model)
         except (RuntimeError, OSError) as e:
             raise ValueError(
-                f"tokenizer file {path} is neither a tiktoken BPE rank file (Llama 3) nor a "
+                f"tokenizer file {source} is neither a tiktoken BPE rank file (Llama 3) nor a "
                 f"SentencePiece model (Llama 2): {e}; {PATH_HINT}"
             ) from e
-        logger.info("Loaded SentencePiece model from %s", path)
+        logger.info("Loaded SentencePiece model from %s", source)
 
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()

@@ -36,19 +36,29 @@ class TiktokenTokenizer(Tokenizer):
 
     def __init__(self, model_path: str):
         path = check_file(Path(model_path))
-        mergeable_ranks = _load_bpe_ranks(path)
+        self._load(_load_bpe_ranks(path), str(path))
+
+    @classmethod
+    def from_mergeable_ranks(cls, mergeable_ranks: Dict[bytes, int], source: str) -> "TiktokenTokenizer":
+        """The tokenizer whose BPE ranks a tokenizer.model file would list (token bytes -> rank);
+        Llama 3.1's special tokens follow them. `source` names where they came from in logs."""
+        tokenizer = cls.__new__(cls)
+        tokenizer._load(mergeable_ranks, source)
+        return tokenizer
+
+    def _load(self, mergeable_ranks: Dict[bytes, int], source: str) -> None:
         num_base_tokens = len(mergeable_ranks)
         names = llama31_special_token_names(self.num_reserved_special_tokens)
         self.special_tokens: Dict[str, int] = {
             name: num_base_tokens + i for i, name in enumerate(names)
         }
         self.model = tiktoken.Encoding(
-            name=path.name,
+            name=Path(source).name,
             pat_str=self.pat_str,
             mergeable_ranks=mergeable_ranks,
             special_tokens=self.special_tokens,
         )
-        logger.info("Reloaded tiktoken model from %s", path)
+        logger.info("Reloaded tiktoken model from %s", source)
 
         self.n_words: int = self.model.n_vocab
         self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
