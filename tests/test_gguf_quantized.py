@@ -115,6 +115,16 @@ def test_converted_shard_reads_nothing_for_shapes(tiny):
     assert read == []
 
 
+def test_converted_shard_reads_nothing_to_say_what_it_holds(tiny):
+    _, tensors = read_as_meta(tiny)
+    read = []
+    spy = type(tensors)({k: tensors.spec(k) for k in tensors}, lambda key: read.append(key), tensors.source)
+    shard = ConvertedShard(spy, 0, 1, True)
+    assert "tok_embeddings.weight" in shard and "tok_embeddings.weight" in spy
+    assert "output.weight.nope" not in shard
+    assert read == []
+
+
 # --- the real model: SmolLM2-135M-Instruct's Q4_1 file ---
 
 

@@ -71,6 +71,9 @@ class ConvertedShard(Mapping):
     def __len__(self) -> int:
         return len(self.tensors)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self.tensors  # Mapping's own would read (and dequantize) the tensor
+
     def __getitem__(self, key: str) -> torch.Tensor:
         t = self.tensors[key]
         cut = self._cut(key)

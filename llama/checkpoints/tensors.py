@@ -72,6 +72,9 @@ class MetaTensors(Mapping):
     def __len__(self) -> int:
         return len(self._specs)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._specs  # Mapping's own would read the tensor
+
     def spec(self, key: str) -> TensorSpec:
         return self._specs[key]
 
