@@ -425,7 +425,7 @@ class _Steps:
             run = 1
             while row + run < len(self.starts) and self.starts[row + run] == n:
                 run += 1
-            logits = self.model.forward(tokens[row : row + run, :n], 0, first_row=row, last_only=token_logprobs is None)
+            logits = self.model.forward(tokens[row : row + run, :n], 0, cache_row=row, last_only=token_logprobs is None)
             if token_logprobs is not None:
                 token_logprobs[row : row + run, 1:n] = _token_logprobs(logits[:, :-1], tokens[row : row + run, 1:n], self.pad_id)
             last.append(logits[:, -1])

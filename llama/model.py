@@ -28,7 +28,7 @@ __all__ = [
 ]  # fmt: skip
 
 
-def _keep(x: torch.Tensor) -> torch.Tensor:
+def _skip_init(x: torch.Tensor) -> torch.Tensor:
     """Weight 'initializer' that does nothing: every weight is overwritten by the checkpoint."""
     return x
 
@@ -131,10 +131,10 @@ class Attention(nn.Module):
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
         self.head_dim = args.dim // args.n_heads
 
-        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
-        self.wk = ColumnParallelLinear(args.dim, self.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
-        self.wv = ColumnParallelLinear(args.dim, self.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
-        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_skip_init)
+        self.wk = ColumnParallelLinear(args.dim, self.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_skip_init)
+        self.wv = ColumnParallelLinear(args.dim, self.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_skip_init)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_skip_init)
         self.wqkv: Optional[FusedColumns] = None  # compact weights: wq, wk and wv as one product
 
         # The cache lives in the compute dtype on the compute device from the start (the caller
@@ -152,9 +152,9 @@ class Attention(nn.Module):
         start_pos: Union[int, torch.Tensor],
         freqs_cis: torch.Tensor,
         mask: Optional[torch.Tensor],
-        first_row: int = 0,
+        cache_row: int = 0,
     ) -> torch.Tensor:
-        """x (bs, seqlen, dim) at positions start_pos.. of cache rows first_row..first_row + bs.
+        """x (bs, seqlen, dim) at positions start_pos.. of cache rows cache_row..cache_row + bs.
 
         start_pos is an int shared by the batch (Meta's), or a (bs,) tensor of per-row positions
         for one token each; then mask (bs, 1, 1, cache_len) hides each row's future.
@@ -167,14 +167,14 @@ class Attention(nn.Module):
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
 
-        rows = slice(first_row, first_row + bsz)
+        rows = slice(cache_row, cache_row + bsz)
         if isinstance(start_pos, int):
             end = start_pos + seqlen
             self.cache_k[rows, :, start_pos:end] = xk.transpose(1, 2)
             self.cache_v[rows, :, start_pos:end] = xv.transpose(1, 2)
         else:
             end = mask.shape[-1]
-            row_ids = torch.arange(first_row, first_row + bsz, device=x.device)
+            row_ids = torch.arange(cache_row, cache_row + bsz, device=x.device)
             self.cache_k[row_ids, :, start_pos] = xk[:, 0]
             self.cache_v[row_ids, :, start_pos] = xv[:, 0]
         keys = self.cache_k[rows, :, :end]  # (bs, n_local_kv_heads, cache_len + seqlen, head_dim)
@@ -210,9 +210,9 @@ class FeedForward(nn.Module):
         super().__init__()
         hidden_dim = swiglu_width(hidden_dim, multiple_of, ffn_dim_multiplier)
 
-        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
-        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
-        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_skip_init)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_skip_init)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_skip_init)
         self.w13: Optional[FusedColumns] = None  # compact weights: w1 and w3 as one product
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,9 +235,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, start_pos: Union[int, torch.Tensor], freqs_cis: torch.Tensor, mask: Optional[torch.Tensor], first_row: int = 0
+        self, x: torch.Tensor, start_pos: Union[int, torch.Tensor], freqs_cis: torch.Tensor, mask: Optional[torch.Tensor], cache_row: int = 0
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, first_row)
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, cache_row)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -249,10 +249,10 @@ class Transformer(nn.Module):
         self.n_layers = params.n_layers
 
         embedding = VocabParallelEmbedding if params.vocab_parallel_embedding else ParallelEmbedding
-        self.tok_embeddings = embedding(params.vocab_size, params.dim, init_method=_keep)
+        self.tok_embeddings = embedding(params.vocab_size, params.dim, init_method=_skip_init)
         self.layers = nn.ModuleList(TransformerBlock(layer_id, params) for layer_id in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_skip_init)
 
         # Complex, so kept out of the buffers that Module.to(dtype) would cast.
         self.freqs_cis = precompute_freqs_cis(
@@ -263,11 +263,11 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], *, first_row: int = 0, last_only: bool = False
+        self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], *, cache_row: int = 0, last_only: bool = False
     ) -> torch.Tensor:
         """tokens (bsz, seqlen) at positions start_pos.. -> float32 logits (bsz, seqlen, vocab_size).
 
-        Keys and values of these positions are written to cache rows first_row..first_row + bsz;
+        Keys and values of these positions are written to cache rows cache_row..cache_row + bsz;
         earlier ones are read from them. start_pos may also be a (bsz,) tensor of per-row
         positions when seqlen is 1 (rows of a batch at different lengths). last_only: logits of
         the last position only (bsz, 1, vocab_size), all that sampling needs.
@@ -288,7 +288,7 @@ class Transformer(nn.Module):
             freqs_cis = self.freqs_cis[start_pos].view(bsz, 1, 1, -1)
             # Each row sees its cache up to its own position.
             mask = _row_mask(start_pos, int(start_pos.max()) + 1, h.dtype)
-        return self._layers(h, start_pos, freqs_cis, mask, first_row, last_only)
+        return self._layers(h, start_pos, freqs_cis, mask, cache_row, last_only)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache_len: int) -> torch.Tensor:
         """One token per row (bsz, 1) at per-row positions (bsz,), attending to the first cache_len
@@ -345,10 +345,10 @@ class Transformer(nn.Module):
 
     def _layers(
         self, h: torch.Tensor, start_pos: Union[int, torch.Tensor], freqs_cis: torch.Tensor, mask: Optional[torch.Tensor],
-        first_row: int, last_only: bool,
+        cache_row: int, last_only: bool,
     ) -> torch.Tensor:
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask, first_row)
+            h = layer(h, start_pos, freqs_cis, mask, cache_row)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

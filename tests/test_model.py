@@ -96,7 +96,7 @@ def test_rows_at_their_own_positions_equal_each_row_alone(model_parallel):
     tokens = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(2))
     alone = [model.forward(tokens[i : i + 1, : n + 1], 0)[0, -1] for i, n in enumerate(lengths)]
     for i, n in enumerate(lengths):
-        model.forward(tokens[i : i + 1, :n], 0, first_row=i)
+        model.forward(tokens[i : i + 1, :n], 0, cache_row=i)
     positions = torch.tensor(lengths)
     together = model.forward(tokens[torch.arange(3), positions][:, None], positions)
     torch.testing.assert_close(together[:, 0], torch.stack(alone), atol=1e-5, rtol=1e-5)
@@ -107,7 +107,7 @@ def test_static_shape_decode_gives_forward_logits(model_parallel):
     lengths = [5, 11, 8]
     tokens = torch.randint(0, VOCAB, (3, 13), generator=torch.Generator().manual_seed(4))
     for i, n in enumerate(lengths):
-        model.forward(tokens[i : i + 1, :n], 0, first_row=i)
+        model.forward(tokens[i : i + 1, :n], 0, cache_row=i)
     for step in range(2):
         positions = torch.tensor(lengths) + step
         step_tokens = tokens[torch.arange(3), positions][:, None]
