@@ -17,6 +17,7 @@ from llama.checkpoints.load import load_into
 from llama.checkpoints.meta import check_model_parallel_size, tensor_shape
 from llama.checkpoints.source import open_checkpoint, open_tokenizer
 from llama.decoding.stream import StreamEvent, stream_steps
+from llama.layers.compact import fuse_projections
 from llama.layers.linear import check_int4_columns, check_weight_format
 from llama.model import Transformer
 from llama.runtime.distributed import (
@@ -135,7 +136,7 @@ class Llama:
         load_into(model, checkpoint, ckpt_path, device, dtype, weight_format)
         del checkpoint
         if weight_format is not None:
-            model.fuse_compact_products()
+            fuse_projections(model)
         if compile:
             model.compile_decode()
             logger.info("The decode step is compiled with torch.compile at the first generation: expect a pause (up to a minute on a small CPU).")

@@ -14,13 +14,7 @@ from fairscale.nn.model_parallel.layers import ParallelEmbedding, VocabParallelE
 from torch import nn
 
 from llama.args import LLAMA3_ROPE_SCALING, ModelArgs, swiglu_width
-from llama.layers.linear import (
-    ColumnParallelLinear,
-    FusedColumns,
-    RowParallelLinear,
-    is_compiling,
-    native_products,
-)
+from llama.layers.linear import ColumnParallelLinear, RowParallelLinear, SeparateColumns, is_compiling, native_products
 
 __all__ = [
     "Attention", "FeedForward", "ModelArgs", "RMSNorm", "Transformer", "TransformerBlock", "apply_rotary_emb",
@@ -135,7 +129,9 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(args.dim, self.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_skip_init)
         self.wv = ColumnParallelLinear(args.dim, self.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_skip_init)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_skip_init)
-        self.wqkv: Optional[FusedColumns] = None  # compact weights: wq, wk and wv as one product
+        # wq, wk and wv read the same input: one call for the three, which llama.layers.compact
+        # swaps for one fused product when the weights are compact.
+        self.wqkv: nn.Module = SeparateColumns(self.wq, self.wk, self.wv)
 
         # The cache lives in the compute dtype on the compute device from the start (the caller
         # builds the model under that default device/dtype), so no conversion per forward. It is
@@ -160,8 +156,7 @@ class Attention(nn.Module):
         for one token each; then mask (bs, 1, 1, cache_len) hides each row's future.
         """
         bsz, seqlen, _ = x.shape
-        fused = self.wqkv is not None and self.wqkv.pays()
-        xq, xk, xv = self.wqkv(x) if fused else (self.wq(x), self.wk(x), self.wv(x))
+        xq, xk, xv = self.wqkv(x)
         xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
@@ -213,10 +208,10 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_skip_init)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_skip_init)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_skip_init)
-        self.w13: Optional[FusedColumns] = None  # compact weights: w1 and w3 as one product
+        self.w13: nn.Module = SeparateColumns(self.w1, self.w3)  # as wqkv in Attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h1, h3 = self.w13(x) if self.w13 is not None and self.w13.pays() else (self.w1(x), self.w3(x))
+        h1, h3 = self.w13(x)
         return self.w2(F.silu(h1) * h3)
 
 
@@ -324,13 +319,6 @@ class Transformer(nn.Module):
 
         self._masked_step = step
         self.decode_compiled = True
-
-    def fuse_compact_products(self) -> None:
-        """With compact weights loaded (bf16, int8), multiply wq/wk/wv and w1/w3 as one product each (see FusedColumns)."""
-        for layer in self.layers:
-            attention, feed_forward = layer.attention, layer.feed_forward
-            attention.wqkv = FusedColumns([attention.wq, attention.wk, attention.wv])
-            feed_forward.w13 = FusedColumns([feed_forward.w1, feed_forward.w3])
 
     def _rope_to(self, device: torch.device) -> None:
         if self.freqs_cis.device != device:
