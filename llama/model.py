@@ -5,7 +5,7 @@ torchrun job holds the slice of the weights its consolidated.NN.pth shard carrie
 """
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -237,7 +237,11 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, params: ModelArgs):
+    def __init__(self, params: ModelArgs, *, compile_decode: bool = False):
+        """compile_decode: step() runs decode steps (one token per row at per-row positions)
+        through torch.compile, compiled at the first such step with the batch size and the
+        attended length symbolic, so that neither recompiles (a batch of one is specialized, so
+        a first other batch size compiles once more)."""
         super().__init__()
         self.params = params
         self.vocab_size = params.vocab_size
@@ -254,7 +258,10 @@ class Transformer(nn.Module):
             params.dim // params.n_heads, params.max_seq_len * 2, params.rope_theta, params.use_scaled_rope
         )
         self.freqs_cos_sin = torch.view_as_real(self.freqs_cis)  # the same numbers, for real arithmetic
-        self.decode_compiled = False
+        self._compiled_decode: Optional[Callable[..., torch.Tensor]] = None
+        if compile_decode:
+            native_products()  # decided now: the compiled step must not trace the kernels' build check
+            self._compiled_decode = torch.compile(self._decode_with_mask)
 
     @torch.inference_mode()
     def forward(
@@ -285,40 +292,37 @@ class Transformer(nn.Module):
             mask = _row_mask(start_pos, int(start_pos.max()) + 1, h.dtype)
         return self._layers(h, start_pos, freqs_cis, mask, cache_row, last_only)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache_len: int) -> torch.Tensor:
-        """One token per row (bsz, 1) at per-row positions (bsz,), attending to the first cache_len
-        cached positions -> float32 logits (bsz, vocab_size).
+    def step(
+        self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], *, cache_row: int = 0, last_only: bool = True
+    ) -> torch.Tensor:
+        """forward for generation: a prefill (int start_pos) or a decode step (tokens (bsz, 1) at
+        per-row positions, a (bsz,) tensor), compiled where the model was built to compile it.
 
-        forward(tokens, positions)'s step in the form torch.compile compiles once for any batch
-        size and length (Llama.build(compile=True)): RoPE in real arithmetic (no complex
-        numbers), the attended length carried by the mask's shape (no reading of positions on
-        the host). Its logits equal forward's up to float rounding.
+        Logits as forward's, (bsz, seqlen or 1, vocab_size); a compiled decode step's equal them
+        up to float rounding.
         """
-        mask = _row_mask(positions, cache_len, self.tok_embeddings.weight.dtype)
-        return self._masked_step(tokens, positions, mask)
+        if isinstance(start_pos, int):
+            return self.forward(tokens, start_pos, cache_row=cache_row, last_only=last_only)
+        if self._compiled_decode is not None:
+            mask = _row_mask(start_pos, int(start_pos.max()) + 1, self.tok_embeddings.weight.dtype)
+            for t, dims in ((tokens, (0,)), (start_pos, (0,)), (mask, (0, 3))):
+                for dim in dims:
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+            return self._compiled_decode(tokens, start_pos, mask, cache_row)
+        if bool((start_pos == start_pos[0]).all()):
+            start_pos = int(start_pos[0])  # the whole batch at one position: Meta's path, no mask
+        return self.forward(tokens, start_pos, cache_row=cache_row, last_only=last_only)
 
     @torch.no_grad()
-    def _masked_step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _decode_with_mask(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache_row: int) -> torch.Tensor:
+        """forward(tokens, positions) for one token per row in the form torch.compile compiles
+        once for any batch size and length: RoPE in real arithmetic (no complex numbers), the
+        attended length carried by mask's shape (bsz, 1, 1, cache_len), not read from positions
+        on the host -> logits (bsz, 1, vocab_size)."""
         h = self._embed(tokens)
         self._rope_to(h.device)
         freqs = self.freqs_cos_sin[positions][:, None, None]  # (bsz, 1, 1, head_dim // 2, 2)
-        return self._layers(h, positions, freqs, mask, 0, True)[:, -1]
-
-    def compile_decode(self) -> None:
-        """Make decode run a torch.compile'd step, compiled on its first call with the batch size
-        and the attended length symbolic: no recompiling when they change (a batch of one is
-        specialized, so a first other batch size compiles once more)."""
-        native_products()  # decided now: the compiled step must not trace the kernels' build check
-        compiled = torch.compile(self._masked_step)
-
-        def step(tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            for t, dims in ((tokens, (0,)), (positions, (0,)), (mask, (0, 3))):
-                for dim in dims:
-                    torch._dynamo.maybe_mark_dynamic(t, dim)
-            return compiled(tokens, positions, mask)
-
-        self._masked_step = step
-        self.decode_compiled = True
+        return self._layers(h, positions, freqs, mask, cache_row, True)
 
     def _rope_to(self, device: torch.device) -> None:
         if self.freqs_cis.device != device:

@@ -134,7 +134,7 @@ def native_products() -> bool:
     (AVX2 or AVX-512). They read each weight row once for all of a step's rows, where MKL's fp32
     product costs several times one row's for 2-16 rows (and far more on a busy machine), and
     torch's int8 kernel runs below fp32 speed on AVX2 CPUs. Built with portable code only, or not
-    at all, torch's own products stay faster. Decided once (Transformer.compile_decode asks
+    at all, torch's own products stay faster. Decided once (Transformer(compile_decode=True) asks
     before tracing, so that a compiled step reads the answer instead of tracing the build)."""
     global _native
     if _native is None:
