@@ -17,6 +17,7 @@ from llama.checkpoints.load import load_into
 from llama.checkpoints.meta import check_model_parallel_size, tensor_shape
 from llama.checkpoints.source import open_checkpoint, open_tokenizer
 from llama.decoding.stream import StreamEvent, stream_steps
+from llama.layers.compact import fuse_projections
 from llama.layers.linear import check_int4_columns, check_weight_format
 from llama.model import Transformer
 from llama.runtime.distributed import (
@@ -80,7 +81,7 @@ class Llama:
         output channel) or "int4" (groups of 32 columns); a GGUF file's Q4_0/Q4_1 blocks load
         as they are under "int4", its Q8_0 blocks under "int8" and "int4"; None keeps Meta's exact
         numerics and dequantizes a GGUF (see llama.layers.linear). compile=True
-        decodes with a torch.compile'd step (Transformer.decode): compiled at the first
+        decodes with a torch.compile'd step (Transformer.step): compiled at the first
         generate, then faster; logits equal to float rounding. threads: CPU threads to compute
         with (default $LLAMA_NUM_THREADS, else the CPUs this process may use, see llama.runtime.host).
         All inputs are checked before any weight is read.
@@ -131,13 +132,12 @@ class Llama:
         checkpoint = source.state_dict_for(rank, mp_size, model_args.vocab_parallel_embedding)
         _check_embedding_shape(checkpoint, model_args, mp_size, ckpt_path, tokenizer_path)
         with default_device_and_dtype(device, dtype):
-            model = Transformer(model_args)
+            model = Transformer(model_args, compile_decode=compile)
         load_into(model, checkpoint, ckpt_path, device, dtype, weight_format)
         del checkpoint
         if weight_format is not None:
-            model.fuse_compact_products()
+            fuse_projections(model)
         if compile:
-            model.compile_decode()
             logger.info("The decode step is compiled with torch.compile at the first generation: expect a pause (up to a minute on a small CPU).")
         wait_for_every_rank_to_load()  # a slow load must not count against the first step's timeout
         logger.info(
@@ -425,7 +425,7 @@ class _Steps:
             run = 1
             while row + run < len(self.starts) and self.starts[row + run] == n:
                 run += 1
-            logits = self.model.forward(tokens[row : row + run, :n], 0, first_row=row, last_only=token_logprobs is None)
+            logits = self.model.step(tokens[row : row + run, :n], 0, cache_row=row, last_only=token_logprobs is None)
             if token_logprobs is not None:
                 token_logprobs[row : row + run, 1:n] = _token_logprobs(logits[:, :-1], tokens[row : row + run, 1:n], self.pad_id)
             last.append(logits[:, -1])
@@ -434,12 +434,7 @@ class _Steps:
 
     def _decode(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token per row at its position -> next logits (bsz, vocab)."""
-        if self.model.decode_compiled:
-            return self.model.decode(token[:, None], pos, int(pos.max()) + 1)
-        start_pos: Union[int, torch.Tensor] = pos
-        if bool((pos == pos[0]).all()):
-            start_pos = int(pos[0])  # the whole batch at one position: Meta's path, no mask
-        return self.model.forward(token[:, None], start_pos, last_only=True)[:, -1]
+        return self.model.step(token[:, None], pos)[:, -1]
 
 
 def _next_token(last_logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

@@ -5,7 +5,7 @@ torchrun job holds the slice of the weights its consolidated.NN.pth shard carrie
 """
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -14,13 +14,7 @@ from fairscale.nn.model_parallel.layers import ParallelEmbedding, VocabParallelE
 from torch import nn
 
 from llama.args import LLAMA3_ROPE_SCALING, ModelArgs, swiglu_width
-from llama.layers.linear import (
-    ColumnParallelLinear,
-    FusedColumns,
-    RowParallelLinear,
-    is_compiling,
-    native_products,
-)
+from llama.layers.linear import ColumnParallelLinear, RowParallelLinear, SeparateColumns, is_compiling, native_products
 
 __all__ = [
     "Attention", "FeedForward", "ModelArgs", "RMSNorm", "Transformer", "TransformerBlock", "apply_rotary_emb",
@@ -28,7 +22,7 @@ __all__ = [
 ]  # fmt: skip
 
 
-def _keep(x: torch.Tensor) -> torch.Tensor:
+def _skip_init(x: torch.Tensor) -> torch.Tensor:
     """Weight 'initializer' that does nothing: every weight is overwritten by the checkpoint."""
     return x
 
@@ -131,11 +125,13 @@ class Attention(nn.Module):
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
         self.head_dim = args.dim // args.n_heads
 
-        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
-        self.wk = ColumnParallelLinear(args.dim, self.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
-        self.wv = ColumnParallelLinear(args.dim, self.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
-        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
-        self.wqkv: Optional[FusedColumns] = None  # compact weights: wq, wk and wv as one product
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_skip_init)
+        self.wk = ColumnParallelLinear(args.dim, self.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_skip_init)
+        self.wv = ColumnParallelLinear(args.dim, self.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_skip_init)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_skip_init)
+        # wq, wk and wv read the same input: one call for the three, which llama.layers.compact
+        # swaps for one fused product when the weights are compact.
+        self.wqkv: nn.Module = SeparateColumns(self.wq, self.wk, self.wv)
 
         # The cache lives in the compute dtype on the compute device from the start (the caller
         # builds the model under that default device/dtype), so no conversion per forward. It is
@@ -152,29 +148,28 @@ class Attention(nn.Module):
         start_pos: Union[int, torch.Tensor],
         freqs_cis: torch.Tensor,
         mask: Optional[torch.Tensor],
-        first_row: int = 0,
+        cache_row: int = 0,
     ) -> torch.Tensor:
-        """x (bs, seqlen, dim) at positions start_pos.. of cache rows first_row..first_row + bs.
+        """x (bs, seqlen, dim) at positions start_pos.. of cache rows cache_row..cache_row + bs.
 
         start_pos is an int shared by the batch (Meta's), or a (bs,) tensor of per-row positions
         for one token each; then mask (bs, 1, 1, cache_len) hides each row's future.
         """
         bsz, seqlen, _ = x.shape
-        fused = self.wqkv is not None and self.wqkv.pays()
-        xq, xk, xv = self.wqkv(x) if fused else (self.wq(x), self.wk(x), self.wv(x))
+        xq, xk, xv = self.wqkv(x)
         xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
 
-        rows = slice(first_row, first_row + bsz)
+        rows = slice(cache_row, cache_row + bsz)
         if isinstance(start_pos, int):
             end = start_pos + seqlen
             self.cache_k[rows, :, start_pos:end] = xk.transpose(1, 2)
             self.cache_v[rows, :, start_pos:end] = xv.transpose(1, 2)
         else:
             end = mask.shape[-1]
-            row_ids = torch.arange(first_row, first_row + bsz, device=x.device)
+            row_ids = torch.arange(cache_row, cache_row + bsz, device=x.device)
             self.cache_k[row_ids, :, start_pos] = xk[:, 0]
             self.cache_v[row_ids, :, start_pos] = xv[:, 0]
         keys = self.cache_k[rows, :, :end]  # (bs, n_local_kv_heads, cache_len + seqlen, head_dim)
@@ -210,13 +205,13 @@ class FeedForward(nn.Module):
         super().__init__()
         hidden_dim = swiglu_width(hidden_dim, multiple_of, ffn_dim_multiplier)
 
-        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
-        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
-        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
-        self.w13: Optional[FusedColumns] = None  # compact weights: w1 and w3 as one product
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_skip_init)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_skip_init)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_skip_init)
+        self.w13: nn.Module = SeparateColumns(self.w1, self.w3)  # as wqkv in Attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h1, h3 = self.w13(x) if self.w13 is not None and self.w13.pays() else (self.w1(x), self.w3(x))
+        h1, h3 = self.w13(x)
         return self.w2(F.silu(h1) * h3)
 
 
@@ -235,39 +230,46 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, start_pos: Union[int, torch.Tensor], freqs_cis: torch.Tensor, mask: Optional[torch.Tensor], first_row: int = 0
+        self, x: torch.Tensor, start_pos: Union[int, torch.Tensor], freqs_cis: torch.Tensor, mask: Optional[torch.Tensor], cache_row: int = 0
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, first_row)
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, cache_row)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
-    def __init__(self, params: ModelArgs):
+    def __init__(self, params: ModelArgs, *, compile_decode: bool = False):
+        """compile_decode: step() runs decode steps (one token per row at per-row positions)
+        through torch.compile, compiled at the first such step with the batch size and the
+        attended length symbolic, so that neither recompiles (a batch of one is specialized, so
+        a first other batch size compiles once more)."""
         super().__init__()
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
 
         embedding = VocabParallelEmbedding if params.vocab_parallel_embedding else ParallelEmbedding
-        self.tok_embeddings = embedding(params.vocab_size, params.dim, init_method=_keep)
+        self.tok_embeddings = embedding(params.vocab_size, params.dim, init_method=_skip_init)
         self.layers = nn.ModuleList(TransformerBlock(layer_id, params) for layer_id in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_skip_init)
 
         # Complex, so kept out of the buffers that Module.to(dtype) would cast.
         self.freqs_cis = precompute_freqs_cis(
             params.dim // params.n_heads, params.max_seq_len * 2, params.rope_theta, params.use_scaled_rope
         )
         self.freqs_cos_sin = torch.view_as_real(self.freqs_cis)  # the same numbers, for real arithmetic
-        self.decode_compiled = False
+        self._compiled_decode: Optional[Callable[..., torch.Tensor]] = None
+        if compile_decode:
+            native_products()  # decided now: the compiled step must not trace the kernels' build check
+            self._compiled_decode = torch.compile(self._decode_with_mask)
 
     @torch.inference_mode()
     def forward(
-        self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], *, first_row: int = 0, last_only: bool = False
+        self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], *, cache_row: int = 0, last_only: bool = False
     ) -> torch.Tensor:
         """tokens (bsz, seqlen) at positions start_pos.. -> float32 logits (bsz, seqlen, vocab_size).
 
-        Keys and values of these positions are written to cache rows first_row..first_row + bsz;
+        Keys and values of these positions are written to cache rows cache_row..cache_row + bsz;
         earlier ones are read from them. start_pos may also be a (bsz,) tensor of per-row
         positions when seqlen is 1 (rows of a batch at different lengths). last_only: logits of
         the last position only (bsz, 1, vocab_size), all that sampling needs.
@@ -288,49 +290,39 @@ class Transformer(nn.Module):
             freqs_cis = self.freqs_cis[start_pos].view(bsz, 1, 1, -1)
             # Each row sees its cache up to its own position.
             mask = _row_mask(start_pos, int(start_pos.max()) + 1, h.dtype)
-        return self._layers(h, start_pos, freqs_cis, mask, first_row, last_only)
+        return self._layers(h, start_pos, freqs_cis, mask, cache_row, last_only)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache_len: int) -> torch.Tensor:
-        """One token per row (bsz, 1) at per-row positions (bsz,), attending to the first cache_len
-        cached positions -> float32 logits (bsz, vocab_size).
+    def step(
+        self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], *, cache_row: int = 0, last_only: bool = True
+    ) -> torch.Tensor:
+        """forward for generation: a prefill (int start_pos) or a decode step (tokens (bsz, 1) at
+        per-row positions, a (bsz,) tensor), compiled where the model was built to compile it.
 
-        forward(tokens, positions)'s step in the form torch.compile compiles once for any batch
-        size and length (Llama.build(compile=True)): RoPE in real arithmetic (no complex
-        numbers), the attended length carried by the mask's shape (no reading of positions on
-        the host). Its logits equal forward's up to float rounding.
+        Logits as forward's, (bsz, seqlen or 1, vocab_size); a compiled decode step's equal them
+        up to float rounding.
         """
-        mask = _row_mask(positions, cache_len, self.tok_embeddings.weight.dtype)
-        return self._masked_step(tokens, positions, mask)
+        if isinstance(start_pos, int):
+            return self.forward(tokens, start_pos, cache_row=cache_row, last_only=last_only)
+        if self._compiled_decode is not None:
+            mask = _row_mask(start_pos, int(start_pos.max()) + 1, self.tok_embeddings.weight.dtype)
+            for t, dims in ((tokens, (0,)), (start_pos, (0,)), (mask, (0, 3))):
+                for dim in dims:
+                    torch._dynamo.maybe_mark_dynamic(t, dim)
+            return self._compiled_decode(tokens, start_pos, mask, cache_row)
+        if bool((start_pos == start_pos[0]).all()):
+            start_pos = int(start_pos[0])  # the whole batch at one position: Meta's path, no mask
+        return self.forward(tokens, start_pos, cache_row=cache_row, last_only=last_only)
 
     @torch.no_grad()
-    def _masked_step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _decode_with_mask(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache_row: int) -> torch.Tensor:
+        """forward(tokens, positions) for one token per row in the form torch.compile compiles
+        once for any batch size and length: RoPE in real arithmetic (no complex numbers), the
+        attended length carried by mask's shape (bsz, 1, 1, cache_len), not read from positions
+        on the host -> logits (bsz, 1, vocab_size)."""
         h = self._embed(tokens)
         self._rope_to(h.device)
         freqs = self.freqs_cos_sin[positions][:, None, None]  # (bsz, 1, 1, head_dim // 2, 2)
-        return self._layers(h, positions, freqs, mask, 0, True)[:, -1]
-
-    def compile_decode(self) -> None:
-        """Make decode run a torch.compile'd step, compiled on its first call with the batch size
-        and the attended length symbolic: no recompiling when they change (a batch of one is
-        specialized, so a first other batch size compiles once more)."""
-        native_products()  # decided now: the compiled step must not trace the kernels' build check
-        compiled = torch.compile(self._masked_step)
-
-        def step(tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            for t, dims in ((tokens, (0,)), (positions, (0,)), (mask, (0, 3))):
-                for dim in dims:
-                    torch._dynamo.maybe_mark_dynamic(t, dim)
-            return compiled(tokens, positions, mask)
-
-        self._masked_step = step
-        self.decode_compiled = True
-
-    def fuse_compact_products(self) -> None:
-        """With compact weights loaded (bf16, int8), multiply wq/wk/wv and w1/w3 as one product each (see FusedColumns)."""
-        for layer in self.layers:
-            attention, feed_forward = layer.attention, layer.feed_forward
-            attention.wqkv = FusedColumns([attention.wq, attention.wk, attention.wv])
-            feed_forward.w13 = FusedColumns([feed_forward.w1, feed_forward.w3])
+        return self._layers(h, positions, freqs, mask, cache_row, True)
 
     def _rope_to(self, device: torch.device) -> None:
         if self.freqs_cis.device != device:
@@ -345,10 +337,10 @@ class Transformer(nn.Module):
 
     def _layers(
         self, h: torch.Tensor, start_pos: Union[int, torch.Tensor], freqs_cis: torch.Tensor, mask: Optional[torch.Tensor],
-        first_row: int, last_only: bool,
+        cache_row: int, last_only: bool,
     ) -> torch.Tensor:
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask, first_row)
+            h = layer(h, start_pos, freqs_cis, mask, cache_row)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

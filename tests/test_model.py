@@ -13,10 +13,10 @@ from llama.runtime.distributed import default_device_and_dtype
 VOCAB = 512
 
 
-def tiny_model(**overrides) -> Transformer:
+def tiny_model(compile_decode: bool = False, **overrides) -> Transformer:
     args = ModelArgs.from_params(TINY_PARAMS, vocab_size=VOCAB, max_seq_len=64, max_batch_size=3, rope_theta=10000.0, **overrides)
     with default_device_and_dtype(torch.device("cpu"), torch.float32):
-        model = Transformer(args)
+        model = Transformer(args, compile_decode=compile_decode)
     model.load_state_dict(random_state_dict(args), assign=True)
     return model
 
@@ -96,24 +96,26 @@ def test_rows_at_their_own_positions_equal_each_row_alone(model_parallel):
     tokens = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(2))
     alone = [model.forward(tokens[i : i + 1, : n + 1], 0)[0, -1] for i, n in enumerate(lengths)]
     for i, n in enumerate(lengths):
-        model.forward(tokens[i : i + 1, :n], 0, first_row=i)
+        model.forward(tokens[i : i + 1, :n], 0, cache_row=i)
     positions = torch.tensor(lengths)
     together = model.forward(tokens[torch.arange(3), positions][:, None], positions)
     torch.testing.assert_close(together[:, 0], torch.stack(alone), atol=1e-5, rtol=1e-5)
 
 
-def test_static_shape_decode_gives_forward_logits(model_parallel):
-    model = tiny_model()
+def test_static_shape_decode_gives_forward_logits(model_parallel, monkeypatch):
+    # The step compile_decode compiles, run eagerly: its static-shape form (real RoPE, mask) alone.
+    monkeypatch.setattr(torch, "compile", lambda step: step)
+    model = tiny_model(compile_decode=True)
     lengths = [5, 11, 8]
     tokens = torch.randint(0, VOCAB, (3, 13), generator=torch.Generator().manual_seed(4))
     for i, n in enumerate(lengths):
-        model.forward(tokens[i : i + 1, :n], 0, first_row=i)
+        model.forward(tokens[i : i + 1, :n], 0, cache_row=i)
     for step in range(2):
         positions = torch.tensor(lengths) + step
         step_tokens = tokens[torch.arange(3), positions][:, None]
-        decoded = model.decode(step_tokens, positions, int(positions.max()) + 1)
+        decoded = model.step(step_tokens, positions)
         # forward writes the same keys and values to the cache again: same state for the next step.
-        torch.testing.assert_close(decoded, model.forward(step_tokens, positions)[:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(decoded, model.forward(step_tokens, positions), atol=1e-5, rtol=1e-5)
 
 
 def test_rotation_in_real_arithmetic_equals_the_complex_one():

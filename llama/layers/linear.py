@@ -25,7 +25,7 @@ the packed nibbles as `weight`), which a later load_state_dict cannot take back.
 """
 
 import functools
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
@@ -134,7 +134,7 @@ def native_products() -> bool:
     (AVX2 or AVX-512). They read each weight row once for all of a step's rows, where MKL's fp32
     product costs several times one row's for 2-16 rows (and far more on a busy machine), and
     torch's int8 kernel runs below fp32 speed on AVX2 CPUs. Built with portable code only, or not
-    at all, torch's own products stay faster. Decided once (Transformer.compile_decode asks
+    at all, torch's own products stay faster. Decided once (Transformer(compile_decode=True) asks
     before tracing, so that a compiled step reads the answer instead of tracing the build)."""
     global _native
     if _native is None:
@@ -265,6 +265,12 @@ def _mv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 _OPAQUE_MV_NUMEL = 1 << 22
 
 
+def compiled_into_generated_code(weight: torch.Tensor, scale: Optional[torch.Tensor]) -> bool:
+    """Whether this product is being compiled into code that inductor generates (a bf16 weight
+    below _OPAQUE_MV_NUMEL elements) rather than into a call of a kernel."""
+    return is_compiling() and scale is None and weight.numel() < _OPAQUE_MV_NUMEL
+
+
 # torch's int8 weight-only CPU kernel streams rows of 4096+ int8 values about 1.4x faster than
 # rows of 1024-3072 (torch 2.13 on a Xeon, its AVX512 and its AVX2 code alike: 20 vs 14 GB/s
 # with AVX512); folding does not pay for 2+ activation rows.
@@ -324,36 +330,20 @@ class RowParallelLinear(LocalProduct, fs_layers.RowParallelLinear):
         return reduce_from_model_parallel_region(y) if self.reduce else y
 
 
-class FusedColumns(torch.nn.Module):
-    """Column-parallel layers that read the same input (wq/wk/wv, w1/w3) as one product.
+class SeparateColumns(torch.nn.Module):
+    """Column-parallel layers that read the same input (wq/wk/wv, w1/w3), each its own product:
+    Meta's. llama.layers.compact swaps it for a fused product when the weights are compact.
 
-    For compact weights: their one-row products stream one large weight faster than several
-    small ones (2-8% of a decode step). Exact mode keeps Meta's separate products, whose bits a
-    fused product need not reproduce. The layers' weights become views of the concatenated
-    weight (a buffer outside the state_dict), so memory holds them once under Meta's keys.
+    The layers stay their parent's children, under Meta's state_dict keys; this holds them
+    outside the module tree, so that they are not listed twice.
     """
 
-    def __init__(self, layers: Sequence[ColumnParallelLinear]):
+    def __init__(self, *layers: torch.nn.Module):
         super().__init__()
-        self.sizes = [layer.weight.shape[0] for layer in layers]
-        self.register_buffer("weight", torch.cat([layer.weight for layer in layers]), persistent=False)
-        for name in ("weight_scale", "weight_min"):  # int8's scales, int4's d and m: one row per weight row
-            parts = [getattr(layer, name) for layer in layers]
-            self.register_buffer(name, None if parts[0] is None else torch.cat(parts), persistent=False)
-        for i, layer in enumerate(layers):
-            layer.weight = torch.nn.Parameter(self.weight.split(self.sizes)[i], requires_grad=False)
-            for name in ("weight_scale", "weight_min"):
-                fused = getattr(self, name)
-                setattr(layer, name, None if fused is None else fused.split(self.sizes)[i])
-
-    def pays(self) -> bool:
-        """Whether to multiply fused: always eagerly. Compiled, not where inductor generates the
-        products' code (one-row bf16 over small weights): it does better on the separate ones
-        (SmolLM2 compiled bf16 decode 63 tok/s separate, 55 fused)."""
-        return not (is_compiling() and self.weight_scale is None and self.weight.numel() < _OPAQUE_MV_NUMEL)
+        self.layers = layers
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        return compact_product(x, self.weight, self.weight_scale, self.weight_min).split(self.sizes, dim=-1)
+        return tuple(layer(x) for layer in self.layers)
 
 
 def _untouched_weight(layer: LocalProduct) -> None:
