@@ -357,7 +357,7 @@ class _Steps:
         prompt_lens = [len(t) for t in prompt_tokens]
         self.min_prompt_len = min(prompt_lens)
         self.total_len = min(self.model.params.max_seq_len, max_gen_len + max(prompt_lens))
-        device = self.model.tok_embeddings.weight.device
+        device = self.model.norm.weight.device
 
         self.pad_id = pad_id = generator.tokenizer.pad_id
         self.tokens = torch.full((bsz, self.total_len), pad_id, dtype=torch.long, device=device)

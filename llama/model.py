@@ -14,7 +14,13 @@ from fairscale.nn.model_parallel.layers import ParallelEmbedding, VocabParallelE
 from torch import nn
 
 from llama.args import LLAMA3_ROPE_SCALING, ModelArgs, swiglu_width
-from llama.layers.linear import ColumnParallelLinear, RowParallelLinear, SeparateColumns, is_compiling, native_products
+from llama.layers.linear import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    SeparateColumns,
+    is_compiling,
+    native_products,
+)
 
 __all__ = [
     "Attention", "FeedForward", "ModelArgs", "RMSNorm", "Transformer", "TransformerBlock", "apply_rotary_emb",
@@ -247,8 +253,12 @@ class Transformer(nn.Module):
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
 
-        embedding = VocabParallelEmbedding if params.vocab_parallel_embedding else ParallelEmbedding
-        self.tok_embeddings = embedding(params.vocab_size, params.dim, init_method=_skip_init)
+        if fs_init.get_model_parallel_world_size() == 1:
+            # fairscale's embedding in a world of one, minus collectives torch.compile cannot trace.
+            self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim, _weight=torch.empty(params.vocab_size, params.dim))
+        else:
+            embedding = VocabParallelEmbedding if params.vocab_parallel_embedding else ParallelEmbedding
+            self.tok_embeddings = embedding(params.vocab_size, params.dim, init_method=_skip_init)
         self.layers = nn.ModuleList(TransformerBlock(layer_id, params) for layer_id in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_skip_init)
@@ -275,7 +285,7 @@ class Transformer(nn.Module):
         the last position only (bsz, 1, vocab_size), all that sampling needs.
         """
         bsz, seqlen = tokens.shape
-        h = self._embed(tokens)
+        h = self.tok_embeddings(tokens)
         self._rope_to(h.device)
 
         mask = None
@@ -304,7 +314,7 @@ class Transformer(nn.Module):
         if isinstance(start_pos, int):
             return self.forward(tokens, start_pos, cache_row=cache_row, last_only=last_only)
         if self._compiled_decode is not None:
-            mask = _row_mask(start_pos, int(start_pos.max()) + 1, self.tok_embeddings.weight.dtype)
+            mask = _row_mask(start_pos, int(start_pos.max()) + 1, self.norm.weight.dtype)
             for t, dims in ((tokens, (0,)), (start_pos, (0,)), (mask, (0, 3))):
                 for dim in dims:
                     torch._dynamo.maybe_mark_dynamic(t, dim)
@@ -319,7 +329,7 @@ class Transformer(nn.Module):
         once for any batch size and length: RoPE in real arithmetic (no complex numbers), the
         attended length carried by mask's shape (bsz, 1, 1, cache_len), not read from positions
         on the host -> logits (bsz, 1, vocab_size)."""
-        h = self._embed(tokens)
+        h = self.tok_embeddings(tokens)
         self._rope_to(h.device)
         freqs = self.freqs_cos_sin[positions][:, None, None]  # (bsz, 1, 1, head_dim // 2, 2)
         return self._layers(h, positions, freqs, mask, cache_row, True)
@@ -328,12 +338,6 @@ class Transformer(nn.Module):
         if self.freqs_cis.device != device:
             self.freqs_cis = self.freqs_cis.to(device)
             self.freqs_cos_sin = torch.view_as_real(self.freqs_cis)
-
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        if fs_init.get_model_parallel_world_size() == 1:
-            # fairscale's embedding in a world of one, minus collectives torch.compile cannot trace.
-            return F.embedding(tokens, self.tok_embeddings.weight)
-        return self.tok_embeddings(tokens)
 
     def _layers(
         self, h: torch.Tensor, start_pos: Union[int, torch.Tensor], freqs_cis: torch.Tensor, mask: Optional[torch.Tensor],

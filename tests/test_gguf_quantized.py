@@ -65,9 +65,24 @@ def test_q8_0_blocks_load_as_int8_blocks_under_int8(tiny, model_parallel):
     wv = model.layers[0].attention.wv
     assert wv.weight.dtype == torch.int8 and wv.weight_scale.shape == (wv.weight.shape[0], TINY_ARGS.dim // 32)
     assert torch.equal(stored_floats(wv), gguf_floats(reader, "layers.0.attention.wv.weight"))
-    # The tied output is the Q8_0 embedding's blocks; the lookup keeps its float32 values.
+    # The tied output is the Q8_0 embedding's blocks; the lookup dequantizes rows of the same blocks.
     assert torch.equal(stored_floats(model.output), gguf_floats(reader, "tok_embeddings.weight"))
-    assert torch.equal(model.tok_embeddings.weight, gguf_floats(reader, "tok_embeddings.weight"))
+
+
+def test_a_q8_0_embedding_stays_in_its_blocks_under_int8_and_int4(tiny, model_parallel):
+    reader = gguf.GGUFReader(tiny)
+    floats = gguf_floats(reader, "tok_embeddings.weight")
+    for weight_format in ("int8", "int4"):
+        model = tiny_model(tiny, weight_format)
+        assert model.tok_embeddings.q.dtype == torch.int8
+        assert model.tok_embeddings.q.data_ptr() == model.output.weight.data_ptr()  # one copy for both
+        tokens = torch.tensor([[0, 5, floats.shape[0] - 1]])
+        assert torch.equal(model.tok_embeddings(tokens), floats[tokens])
+
+
+def test_without_a_compact_format_the_embedding_is_the_dequantized_table(tiny, model_parallel):
+    model = tiny_model(tiny, None)
+    assert torch.equal(model.tok_embeddings.weight, gguf_floats(gguf.GGUFReader(tiny), "tok_embeddings.weight"))
 
 
 def test_other_types_are_quantized_from_their_floats_under_int8(tiny, model_parallel):

@@ -15,6 +15,7 @@ from torch import nn
 import llama.kernels as kernels
 from llama.args import CheckpointError
 from llama.checkpoints.meta import IGNORED_KEYS, tensor_shape, unexpected_weights_error
+from llama.layers.compact import Q8Embedding
 from llama.layers.linear import LocalProduct, Packed, check_int4_columns, pack_weight
 
 
@@ -33,7 +34,8 @@ def load_into(
     each is converted straight from the memory-mapped shard to its final format, one at a time
     (a state_dict that reads tensors when accessed is never held whole). A state_dict with a
     `blocks(key)` method (a GGUF source) gives quantized blocks that weight_format takes as they
-    are: Q4_0/Q4_1 under "int4", Q8_0 under "int8" and "int4".
+    are: Q4_0/Q4_1 under "int4", Q8_0 under "int8" and "int4"; under those two, a Q8_0 embedding
+    stays in its blocks too (Q8Embedding, one process only), shared with a tied output.
     """
     expected = model.state_dict()
     names = {k: k for k in state_dict}  # the model's key -> the checkpoint's
@@ -63,11 +65,16 @@ def load_into(
     if weight_format == "int4":
         check_int4_columns({k: expected[k].shape[1] for k in linears}, fs_init.get_model_parallel_world_size())
     converted: Dict[str, torch.Tensor] = {}
-    done: Dict[str, torch.Tensor] = {}  # by checkpoint key: a tied output shares its embedding's converted memory
+    # By checkpoint key: a tied output shares its embedding's converted memory (or Q8_0 blocks).
+    done: Dict[str, torch.Tensor] = {}
+    packed: Dict[str, Tuple[Packed, Optional[torch.Tensor]]] = {}
+    embedding_blocks = None
     for k in expected:
         name = names[k]
         if weight_format is not None and k in linears:
-            linears[k].store(*_packed(state_dict, name, weight_format, device))
+            linears[k].store(*(packed.get(name) or _packed(state_dict, name, weight_format, device)))
+        elif k == "tok_embeddings.weight" and (embedding_blocks := _q8_embedding(state_dict, name, weight_format, device)):
+            packed[name] = embedding_blocks
         elif name in done:
             converted[k] = done[name]
         else:
@@ -78,9 +85,26 @@ def load_into(
             del source  # a converted source's tensor is freed before the next one is read
     model.requires_grad_(False)  # inference only; lets int8 weights be parameters
     result = model.load_state_dict(converted, strict=False, assign=True)
+    if embedding_blocks is not None:
+        model.tok_embeddings = Q8Embedding(*embedding_blocks, dtype)
+        result.missing_keys.remove("tok_embeddings.weight")
     stored = [k for k in result.missing_keys if k not in linears or weight_format is None]
     if stored or result.unexpected_keys:  # the checks above make this unreachable
         raise CheckpointError(f"{path}: weights left unloaded {stored[:3]} or unused {result.unexpected_keys[:3]}")
+
+
+def _q8_embedding(state_dict: Mapping[str, torch.Tensor], key: str, weight_format: Optional[str], device: torch.device) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The embedding's Q8_0 blocks as (int8 values, scales) when the source has them, the weights
+    are int8/int4 and one process holds the whole vocabulary; else None (loaded as floats)."""
+    if weight_format not in ("int8", "int4") or fs_init.get_model_parallel_world_size() != 1:
+        return None
+    blocks = getattr(state_dict, "blocks", None)
+    found = blocks(key) if callable(blocks) else None
+    if found is None or found[0] != "Q8_0":
+        return None
+    q, scale = kernels.q8_from_gguf(found[1])
+    _page_out_array(found[1])
+    return q.to(device), scale.to(device)
 
 
 def _packed(state_dict: Mapping[str, torch.Tensor], key: str, weight_format: str, device: torch.device) -> Tuple[Packed, Optional[torch.Tensor]]:

@@ -152,7 +152,7 @@ def _logits_function(model: Union[Transformer, Logits], n_ctx: int, batch_size: 
         raise ValueError(f"n_ctx {n_ctx} exceeds the model's max_seq_len {params.max_seq_len}: build it with max_seq_len >= n_ctx")
     if batch_size > params.max_batch_size:
         raise ValueError(f"batch_size {batch_size} exceeds the model's max_batch_size {params.max_batch_size}")
-    device = model.tok_embeddings.weight.device
+    device = model.norm.weight.device
     # Each chunk is a prefill at position 0: the causal mask hides whatever the cache held.
     return lambda chunk: model.forward(chunk.to(device), 0)
 

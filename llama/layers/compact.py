@@ -10,7 +10,13 @@ from typing import Sequence, Tuple
 
 import torch
 
-from llama.layers.linear import ColumnParallelLinear, SeparateColumns, compact_product, compiled_into_generated_code
+from llama.kernels import BLOCK
+from llama.layers.linear import (
+    ColumnParallelLinear,
+    SeparateColumns,
+    compact_product,
+    compiled_into_generated_code,
+)
 from llama.model import Transformer
 
 
@@ -42,6 +48,23 @@ class FusedColumns(torch.nn.Module):
             # separate, 55 fused).
             return self.separate(x)
         return compact_product(x, self.weight, self.weight_scale, self.weight_min).split(self.sizes, dim=-1)
+
+
+class Q8Embedding(torch.nn.Module):
+    """An embedding kept as int8 values with a scale per block of 32 columns (a GGUF file's Q8_0
+    blocks, as they are) whose looked-up rows are dequantized when used: the floats of the
+    dequantized table, in a quarter of its memory (SmolLM2: 113 MB -> 30 MB). A tied output
+    layer multiplies by the same blocks."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("q", q, persistent=False)  # (vocab, dim) int8
+        self.register_buffer("scale", scale, persistent=False)  # (vocab, dim // 32) float32
+        self.dtype = dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self.q[tokens].float().unflatten(-1, (-1, BLOCK)) * self.scale[tokens][..., None]
+        return rows.flatten(-2).to(self.dtype)
 
 
 def fuse_projections(model: Transformer) -> None:
