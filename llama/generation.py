@@ -242,13 +242,13 @@ class Llama:
         """
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
-        prompt_tokens, fixed_answers = self._encode_dialogs(dialogs)
+        prompt_tokens, refusals = self._encode_dialogs(dialogs)
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens=prompt_tokens, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs
         )
         results: List[ChatPrediction] = []
         for i, t in enumerate(generation_tokens):
-            content = fixed_answers[i] or self.tokenizer.decode(t)
+            content = refusals[i] or self.tokenizer.decode(t)
             result: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
             if logprobs:
                 result["tokens"] = [self.tokenizer.decode([x]) for x in t]
@@ -278,8 +278,8 @@ class Llama:
         logprobs: bool = False,
     ) -> Iterator[StreamEvent]:
         """chat_completion as a generator of StreamEvent (see stream_text_completion)."""
-        prompt_tokens, fixed = self._encode_dialogs(dialogs)
-        return self._stream(prompt_tokens, temperature, top_p, max_gen_len, logprobs, fixed)
+        prompt_tokens, refusals = self._encode_dialogs(dialogs)
+        return self._stream(prompt_tokens, temperature, top_p, max_gen_len, logprobs, refusals)
 
     def _encode_prompts(self, prompts: List[str], caller: str) -> List[List[int]]:
         """Each prompt text as tokens after BOS, as Meta's text_completion encodes it."""
@@ -288,11 +288,11 @@ class Llama:
         return [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
 
     def _encode_dialogs(self, dialogs: List[Dialog]) -> Tuple[List[List[int]], List[Optional[str]]]:
-        """Each dialog's prompt tokens, and the fixed answer (Meta's UNSAFE_ERROR) of a Llama 2
-        dialog that contains the chat format's own tags, else None."""
+        """Each dialog's prompt tokens, and its refusal: Meta's UNSAFE_ERROR, the answer Llama 2
+        gives in place of the model's to a dialog holding the chat format's own tags, else None."""
         prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
-        fixed = [UNSAFE_ERROR if self.formatter.has_special_tags(dialog) else None for dialog in dialogs]
-        return prompt_tokens, fixed
+        refusals = [UNSAFE_ERROR if self.formatter.has_special_tags(dialog) else None for dialog in dialogs]
+        return prompt_tokens, refusals
 
     def _stream(
         self,
@@ -301,14 +301,14 @@ class Llama:
         top_p: float,
         max_gen_len: Optional[int],
         logprobs: bool,
-        fixed: List[Optional[str]],
+        refusals: List[Optional[str]],
     ) -> Iterator[StreamEvent]:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         # Checked here, before the first next(), so bad input fails at the call.
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
         steps = self._generate_steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
-        return stream_steps(steps, self.tokenizer, [len(t) for t in prompt_tokens], max_gen_len, logprobs, fixed)
+        return stream_steps(steps, self.tokenizer, [len(t) for t in prompt_tokens], max_gen_len, logprobs, refusals)
 
     def _check_generate_args(
         self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float, logprobs: bool, echo: bool = False

@@ -55,17 +55,17 @@ class IncrementalDecoder:
 
 
 def stream_steps(
-    steps, tokenizer: Tokenizer, prompt_lens: List[int], max_gen_len: int, logprobs: bool, fixed_answers: List[Optional[str]]
+    steps, tokenizer: Tokenizer, prompt_lens: List[int], max_gen_len: int, logprobs: bool, refusals: List[Optional[str]]
 ) -> Iterator[StreamEvent]:
     """Events for the rows of `steps` (Llama._generate_steps): each row stops at its first stop
-    token or after max_gen_len tokens. A row with a fixed answer (Meta's UNSAFE_ERROR) streams
-    its tokens with no text and the fixed answer on its closing event."""
+    token or after max_gen_len tokens. A row with a refusal (Llama 2's UNSAFE_ERROR, see
+    Llama._encode_dialogs) streams its tokens with no text and the refusal on its closing event."""
     decoders = [IncrementalDecoder(tokenizer) for _ in prompt_lens]
     done = [False] * len(prompt_lens)
 
     def close(i: int, token: Optional[int], logprob: Optional[float], text: str = "") -> StreamEvent:
         done[i] = True
-        rest = fixed_answers[i] if fixed_answers[i] is not None else text + decoders[i].flush()
+        rest = refusals[i] if refusals[i] is not None else text + decoders[i].flush()
         return StreamEvent(i, rest, token, logprob, True)
 
     for i in range(len(prompt_lens)):
@@ -80,7 +80,7 @@ def stream_steps(
             if token in tokenizer.stop_tokens:
                 yield close(i, None, None)
                 continue
-            text = decoders[i].push(token) if fixed_answers[i] is None else ""
+            text = decoders[i].push(token) if refusals[i] is None else ""
             if col + 1 - prompt_lens[i] >= max_gen_len or col + 1 >= steps.total_len:
                 yield close(i, token, logprob, text)
             else:
