@@ -12,7 +12,7 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_rank
 import llama.kernels as kernels
 from llama.args import FAMILY_DEFAULTS, CheckpointError, ModelArgs, check_sampling_args, ffn_hidden_dim
 from llama.chat_format import (
-    B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dialog, Message, Role, chat_format_for,
+    B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dialog, DialogFormat, Message, NoChatFormat, Role, chat_format_for,
 )  # fmt: skip
 from llama.checkpoints.load import load_into
 from llama.checkpoints.meta import check_model_parallel_size, tensor_shape
@@ -151,7 +151,12 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = chat_format_for(tokenizer)
+        try:
+            self.formatter: Union[DialogFormat, NoChatFormat] = chat_format_for(tokenizer)
+        except ValueError as e:
+            # Text completion needs no chat format: a tokenizer without one (a plain byte-level
+            # BPE vocabulary) still builds, and refuses dialogs with the reason.
+            self.formatter = NoChatFormat(str(e))
 
     @torch.inference_mode()
     def generate(

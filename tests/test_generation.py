@@ -270,6 +270,20 @@ def test_a_lone_surrogate_in_a_llama2_prompt_is_completed_as_the_replacement_cha
     assert completions[0] == completions[1]
 
 
+def test_a_tokenizer_without_chat_format_still_completes_text(bpe_llama):
+    assert bpe_llama.tokenizer.family == "bpe"
+    results = bpe_llama.text_completion(["Hello there", "1 2 3"], max_gen_len=4, temperature=0, logprobs=True)
+    tokens, _ = bpe_llama.generate(encode_all(bpe_llama, ["Hello there"]), max_gen_len=4, temperature=0)
+    assert results[0]["generation"] == bpe_llama.tokenizer.decode(tokens[0])
+    assert [len(r["tokens"]) for r in results] == [len(r["logprobs"]) for r in results]
+
+
+@pytest.mark.parametrize("entry_point", ["chat_completion", "stream_chat_completion"])
+def test_chat_without_a_chat_format_says_the_tokenizer_has_none(bpe_llama, entry_point):
+    with pytest.raises(ValueError, match=r"tokenizer has no chat format.*family 'bpe'.*use text_completion"):
+        getattr(bpe_llama, entry_point)([[{"role": "user", "content": "hi"}]], max_gen_len=2)
+
+
 def test_empty_prompt_is_rejected(llama3):
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         llama3.generate([[]], max_gen_len=2)
