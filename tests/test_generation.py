@@ -132,15 +132,17 @@ def test_generation_stops_at_a_stop_token(llama3, monkeypatch):
         assert s == (f[: f.index(stop)] if stop in f else f)
 
 
-def test_max_gen_len_bounds_the_answer(llama3):
+def test_max_gen_len_bounds_the_answer(llama3, monkeypatch):
+    monkeypatch.setattr(llama3.tokenizer, "stop_tokens", set())  # only max_gen_len ends an answer
     tokens, _ = llama3.generate(encode_all(llama3, RAGGED), max_gen_len=3, temperature=0)
-    assert all(len(t) <= 3 for t in tokens)
+    assert [len(t) for t in tokens] == [3, 3, 3]
 
 
-def test_answer_is_cut_at_max_seq_len(llama3):
+def test_answer_is_cut_at_max_seq_len(llama3, monkeypatch):
+    monkeypatch.setattr(llama3.tokenizer, "stop_tokens", set())  # only max_seq_len ends the answer
     prompt = encode_all(llama3, ["word " * 20])[0]
     tokens, _ = llama3.generate([prompt], max_gen_len=1000, temperature=0)
-    assert len(prompt) + len(tokens[0]) <= llama3.model.params.max_seq_len
+    assert len(prompt) + len(tokens[0]) == llama3.model.params.max_seq_len
 
 
 def test_prompt_filling_max_seq_len_is_scored_not_extended(llama3):
