@@ -327,6 +327,28 @@ def _check_message(
         )
 
 
+class NoChatFormat:
+    """Stands for the chat format of a tokenizer that has none (a byte-level BPE vocabulary
+    without ChatML's tokens): such a model completes text, and every dialog is refused with
+    `reason` (why chat_format_for found no format)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
+        raise self.error()
+
+    def has_special_tags(self, dialog: Dialog) -> bool:
+        raise self.error()
+
+    def error(self) -> ValueError:
+        return ValueError(
+            f"this model's tokenizer has no chat format, so it cannot answer dialogs ({self.reason}); "
+            "use text_completion, or a tokenizer with a chat template (ChatML's <|im_start|> and <|im_end|> "
+            "special tokens in its tokenizer.json)"
+        )
+
+
 DialogFormat = Union[ChatFormat, Llama2ChatFormat, ChatMLFormat]
 
 _FORMATS: Dict[str, Callable[[Tokenizer], DialogFormat]] = {

@@ -4,19 +4,38 @@ import logging
 import os
 import sys
 import time
-from typing import Iterator, List, Optional, Tuple, TypedDict, Union
+from typing import Iterator, List, Optional, Set, Tuple, TypedDict, Union
 
 import torch
-import torch.nn.functional as F
 from fairscale.nn.model_parallel.initialize import get_model_parallel_rank
 
 import llama.kernels as kernels
-from llama.args import FAMILY_DEFAULTS, CheckpointError, ModelArgs, check_sampling_args, ffn_hidden_dim
-from llama.chat_format import B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR, Dialog, Message, Role, chat_format_for
+from llama.args import (
+    FAMILY_DEFAULTS,
+    CheckpointError,
+    ModelArgs,
+    check_sampling_args,
+    ffn_hidden_dim,
+)
+from llama.chat_format import (
+    B_INST,
+    B_SYS,
+    E_INST,
+    E_SYS,
+    SPECIAL_TAGS,
+    UNSAFE_ERROR,
+    Dialog,
+    DialogFormat,
+    Message,
+    NoChatFormat,
+    Role,
+    chat_format_for,
+)  # fmt: skip
 from llama.checkpoints.load import load_into
 from llama.checkpoints.meta import check_model_parallel_size, tensor_shape
 from llama.checkpoints.source import open_checkpoint, open_tokenizer
-from llama.decoding.stream import StreamEvent, stream_steps
+from llama.decoding.loop import DecodeRun, sample_top_p
+from llama.decoding.stream import StreamEvent, stream_events
 from llama.layers.compact import fuse_projections
 from llama.layers.linear import check_int4_columns, check_weight_format
 from llama.model import Transformer
@@ -149,7 +168,12 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = chat_format_for(tokenizer)
+        try:
+            self.formatter: Union[DialogFormat, NoChatFormat] = chat_format_for(tokenizer)
+        except ValueError as e:
+            # Text completion needs no chat format: a tokenizer without one (a plain byte-level
+            # BPE vocabulary) still builds, and refuses dialogs with the reason.
+            self.formatter = NoChatFormat(str(e))
 
     @torch.inference_mode()
     def generate(
@@ -164,45 +188,23 @@ class Llama:
         """Continue each prompt until a stop token or max_gen_len new tokens (Meta's algorithm).
 
         Each step samples one token for every row in Meta's order, so a seed gives the same tokens
-        as Meta's code (see _Steps for how ragged batches are sped up without changing them).
+        as Meta's code (see DecodeRun for how ragged batches are sped up without changing them).
         Returns the new tokens (with the prompt if echo) and, if logprobs, the log-probability of
         each returned token.
         """
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
-        steps = self._generate_steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
-        for _ in steps:
-            pass
-        tokens, token_logprobs = steps.tokens, steps.token_logprobs
-        return self._trim(tokens.tolist(), token_logprobs.tolist() if logprobs else None, prompt_tokens, max_gen_len, echo)
-
-    def _generate_steps(
-        self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float, logprobs: bool
-    ) -> "_Steps":
-        """The decode loop of generate, one yield per step (see _Steps); arguments already checked."""
-        return _Steps(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs)
-
-    def _trim(
-        self,
-        rows: List[List[int]],
-        row_logprobs: Optional[List[List[float]]],
-        prompt_tokens: List[List[int]],
-        max_gen_len: int,
-        echo: bool,
-    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
-        """Cut each row to its answer: from the prompt's end (or start, if echo) to max_gen_len, before any stop token."""
-        out_tokens, out_logprobs = [], []
-        for i, toks in enumerate(rows):
-            start = 0 if echo else len(prompt_tokens[i])
-            end = len(prompt_tokens[i]) + max_gen_len
-            toks = toks[start:end]
-            probs = row_logprobs[i][start:end] if row_logprobs is not None else None
-            stops = [j for j, t in enumerate(toks) if t in self.tokenizer.stop_tokens]
-            if stops:
-                toks = toks[: stops[0]]
-                probs = probs[: stops[0]] if probs is not None else None
-            out_tokens.append(toks)
-            out_logprobs.append(probs)
-        return out_tokens, (out_logprobs if row_logprobs is not None else None)
+        run = DecodeRun(self.model, self.tokenizer, prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        answers: List[List[int]] = [[] for _ in prompt_tokens]
+        answer_logprobs: List[List[float]] = [[] for _ in prompt_tokens]
+        for step in run:  # drained: the last steps may still score a ragged batch's prompts
+            for i, answer in step.items():
+                if answer.token is not None:
+                    answers[i].append(answer.token)
+                    answer_logprobs[i].append(answer.logprob)
+        if echo:
+            prompt_logprobs = run.prompt_logprobs() if logprobs else [[] for _ in prompt_tokens]
+            answers, answer_logprobs = _echoed(prompt_tokens, prompt_logprobs, answers, answer_logprobs, self.tokenizer.stop_tokens)
+        return answers, (answer_logprobs if logprobs else None)
 
     def text_completion(
         self,
@@ -242,13 +244,13 @@ class Llama:
         """
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
-        prompt_tokens, fixed_answers = self._encode_dialogs(dialogs)
+        prompt_tokens, refusals = self._encode_dialogs(dialogs)
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens=prompt_tokens, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs
         )
         results: List[ChatPrediction] = []
         for i, t in enumerate(generation_tokens):
-            content = fixed_answers[i] or self.tokenizer.decode(t)
+            content = refusals[i] or self.tokenizer.decode(t)
             result: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
             if logprobs:
                 result["tokens"] = [self.tokenizer.decode([x]) for x in t]
@@ -278,8 +280,8 @@ class Llama:
         logprobs: bool = False,
     ) -> Iterator[StreamEvent]:
         """chat_completion as a generator of StreamEvent (see stream_text_completion)."""
-        prompt_tokens, fixed = self._encode_dialogs(dialogs)
-        return self._stream(prompt_tokens, temperature, top_p, max_gen_len, logprobs, fixed)
+        prompt_tokens, refusals = self._encode_dialogs(dialogs)
+        return self._stream(prompt_tokens, temperature, top_p, max_gen_len, logprobs, refusals)
 
     def _encode_prompts(self, prompts: List[str], caller: str) -> List[List[int]]:
         """Each prompt text as tokens after BOS, as Meta's text_completion encodes it."""
@@ -288,11 +290,11 @@ class Llama:
         return [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
 
     def _encode_dialogs(self, dialogs: List[Dialog]) -> Tuple[List[List[int]], List[Optional[str]]]:
-        """Each dialog's prompt tokens, and the fixed answer (Meta's UNSAFE_ERROR) of a Llama 2
-        dialog that contains the chat format's own tags, else None."""
+        """Each dialog's prompt tokens, and its refusal: Meta's UNSAFE_ERROR, the answer Llama 2
+        gives in place of the model's to a dialog holding the chat format's own tags, else None."""
         prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
-        fixed = [UNSAFE_ERROR if self.formatter.has_special_tags(dialog) else None for dialog in dialogs]
-        return prompt_tokens, fixed
+        refusals = [UNSAFE_ERROR if self.formatter.has_special_tags(dialog) else None for dialog in dialogs]
+        return prompt_tokens, refusals
 
     def _stream(
         self,
@@ -301,14 +303,14 @@ class Llama:
         top_p: float,
         max_gen_len: Optional[int],
         logprobs: bool,
-        fixed: List[Optional[str]],
+        refusals: List[Optional[str]],
     ) -> Iterator[StreamEvent]:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         # Checked here, before the first next(), so bad input fails at the call.
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
-        steps = self._generate_steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
-        return stream_steps(steps, self.tokenizer, [len(t) for t in prompt_tokens], max_gen_len, logprobs, fixed)
+        run = DecodeRun(self.model, self.tokenizer, prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        return stream_events(run, self.tokenizer, refusals)
 
     def _check_generate_args(
         self, prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float, logprobs: bool, echo: bool = False
@@ -339,129 +341,22 @@ class Llama:
                 raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {self.tokenizer.n_words}): {bad[:5]}")
 
 
-class _Steps:
-    """The generation loop as an iterator over steps (gpt-fast's shape: prefill, then one decode
-    step per new token). Each step samples one token for every row, writes it to `tokens` (and
-    `token_logprobs`) and yields the column written in each row (-1: row finished).
-
-    Meta's loop starts every row at the shortest prompt and feeds the longer prompts through
-    one-token steps, drawing samples it throws away. Rows start at their own prompt end instead
-    whenever that draws the same random numbers as Meta's: always when greedy (no draws), and
-    when all prompts have one length. Sampling a ragged batch keeps Meta's common start, so a
-    seed gives Meta's tokens. generate drains the steps; streaming reads each new column.
-    """
-
-    def __init__(self, generator: "Llama", prompt_tokens: List[List[int]], max_gen_len: int, temperature: float, top_p: float, logprobs: bool):
-        self.model, self.temperature, self.top_p = generator.model, temperature, top_p
-        bsz = len(prompt_tokens)
-        prompt_lens = [len(t) for t in prompt_tokens]
-        self.min_prompt_len = min(prompt_lens)
-        self.total_len = min(self.model.params.max_seq_len, max_gen_len + max(prompt_lens))
-        device = self.model.norm.weight.device
-
-        self.pad_id = pad_id = generator.tokenizer.pad_id
-        self.tokens = torch.full((bsz, self.total_len), pad_id, dtype=torch.long, device=device)
-        for k, t in enumerate(prompt_tokens):
-            self.tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-        self.token_logprobs = torch.zeros_like(self.tokens, dtype=torch.float) if logprobs else None
-        self.input_text_mask = self.tokens != pad_id
-        self.stop_tokens = torch.tensor(sorted(generator.tokenizer.stop_tokens), device=device)
-
-        own_start = temperature == 0 or len(set(prompt_lens)) == 1
-        self.starts = prompt_lens if own_start else [self.min_prompt_len] * bsz
-        # Tokens past prompt + max_gen_len are trimmed from the answer: no need to make them.
-        self.ends = torch.tensor([min(n + max_gen_len, self.total_len) for n in prompt_lens], device=device)
-        self._iter = self._loop()
-
-    def __iter__(self) -> "_Steps":
-        return self
-
-    def __next__(self) -> List[int]:
-        return next(self._iter)
-
-    @torch.inference_mode()
-    def _loop(self) -> Iterator[List[int]]:
-        tokens, token_logprobs, pad_id = self.tokens, self.token_logprobs, self.pad_id
-        if self.min_prompt_len == self.total_len:
-            if token_logprobs is not None:
-                # Nothing to generate: score the prompts. (Meta's code scores logits[i] against
-                # token i here; we use token i + 1, as everywhere else.)
-                logits = self.model.forward(tokens, 0)
-                token_logprobs[:, 1:] = _token_logprobs(logits[:, :-1], tokens[:, 1:], pad_id)
-            return
-
-        rows = torch.arange(tokens.shape[0], device=tokens.device)
-        pos = torch.tensor(self.starts, device=tokens.device)  # the column each row fills next
-        eos_reached = torch.zeros_like(pos, dtype=torch.bool)
-        last_logits = self._prefill()
-        while True:
-            active = pos < self.ends
-            next_token = _next_token(last_logits, self.temperature, self.top_p)
-            col = pos.clamp(max=self.total_len - 1)
-            # A row still inside its prompt keeps the prompt's token.
-            next_token = torch.where(self.input_text_mask[rows, col], tokens[rows, col], next_token)
-            tokens[rows[active], pos[active]] = next_token[active]
-            if token_logprobs is not None:
-                logprob = _token_logprobs(last_logits[:, None], next_token[:, None], pad_id)[:, 0]
-                token_logprobs[rows[active], pos[active]] = logprob[active]
-            eos_reached |= active & ~self.input_text_mask[rows, col] & torch.isin(next_token, self.stop_tokens)
-            yield torch.where(active, pos, -1).tolist()
-            if (eos_reached | (pos + 1 >= self.ends)).all():
-                return
-            last_logits = self._decode(next_token, col)
-            pos = pos + 1
-
-    def _prefill(self) -> torch.Tensor:
-        """Run each row's tokens before its start through the model -> last logits (bsz, vocab).
-
-        Rows are prefilled one run of equal starts at a time, so a ragged batch costs its own
-        tokens, not bsz times the longest prompt.
-        """
-        tokens, token_logprobs = self.tokens, self.token_logprobs
-        last = []
-        row = 0
-        while row < len(self.starts):
-            n = self.starts[row]
-            run = 1
-            while row + run < len(self.starts) and self.starts[row + run] == n:
-                run += 1
-            logits = self.model.step(tokens[row : row + run, :n], 0, cache_row=row, last_only=token_logprobs is None)
-            if token_logprobs is not None:
-                token_logprobs[row : row + run, 1:n] = _token_logprobs(logits[:, :-1], tokens[row : row + run, 1:n], self.pad_id)
-            last.append(logits[:, -1])
-            row += run
-        return torch.cat(last)
-
-    def _decode(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """One token per row at its position -> next logits (bsz, vocab)."""
-        return self.model.step(token[:, None], pos)[:, -1]
-
-
-def _next_token(last_logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """(bsz, vocab) logits of the last position -> (bsz,) next tokens: argmax, or a top-p sample."""
-    if temperature > 0:
-        probs = torch.softmax(last_logits / temperature, dim=-1)
-        return sample_top_p(probs, top_p).reshape(-1)
-    return torch.argmax(last_logits, dim=-1).reshape(-1)
-
-
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """log p(target) for each position: logits (bsz, seqlen, vocab), targets (bsz, seqlen); 0 at pads."""
-    return -F.cross_entropy(input=logits.transpose(1, 2), target=targets, reduction="none", ignore_index=pad_id)
-
-
-def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Sample from the smallest set of most likely tokens whose probability adds up to more than p.
-
-    probs (bsz, vocab) -> token ids (bsz, 1).
-    """
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    probs_sum = torch.cumsum(probs_sort, dim=-1)
-    mask = probs_sum - probs_sort > p
-    probs_sort[mask] = 0.0
-    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    next_token = torch.multinomial(probs_sort, num_samples=1)
-    return torch.gather(probs_idx, -1, next_token)
+def _echoed(
+    prompt_tokens: List[List[int]],
+    prompt_logprobs: List[List[float]],
+    answers: List[List[int]],
+    answer_logprobs: List[List[float]],
+    stop_tokens: Set[int],
+) -> Tuple[List[List[int]], List[List[float]]]:
+    """Meta's echo: each prompt followed by its answer, the whole cut before its first stop token
+    (so a prompt holding one is cut too, and loses its answer)."""
+    out_tokens, out_logprobs = [], []
+    for prompt, prompt_lp, answer, answer_lp in zip(prompt_tokens, prompt_logprobs, answers, answer_logprobs):
+        tokens = prompt + answer
+        cut = next((j for j, t in enumerate(tokens) if t in stop_tokens), len(tokens))
+        out_tokens.append(tokens[:cut])
+        out_logprobs.append((prompt_lp + answer_lp)[:cut])
+    return out_tokens, out_logprobs
 
 
 def _check_cpp_compiler() -> None:

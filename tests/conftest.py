@@ -149,6 +149,21 @@ def llama2(llama2_ckpt, llama2_tokenizer_path) -> Llama:
     return Llama.build(str(llama2_ckpt), str(llama2_tokenizer_path), max_seq_len=64, max_batch_size=4)
 
 
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_json(tmp_path_factory, vocab_gguf) -> Path:
+    """GPT-2's byte-level BPE vocabulary as tokenizer.json: family "bpe", no chat format."""
+    return write_tokenizer_from_gguf(vocab_gguf("gpt-2"), tmp_path_factory.mktemp("gpt2-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def bpe_llama(tmp_path_factory, gpt2_tokenizer_json) -> Llama:
+    """A tiny model with GPT-2's vocabulary: a tokenizer without a chat format."""
+    params = {**TINY_PARAMS, "vocab_size": 50257, "rope_theta": 10000.0}
+    state_dict = random_state_dict(ModelArgs.from_params(params), seed=4)
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("gpt2-vocab-tiny"), params, state_dict)
+    return Llama.build(str(ckpt), str(gpt2_tokenizer_json), max_seq_len=32, max_batch_size=2)
+
+
 # --- checkpoint folders to write from, and folders that refuse writes ---
 
 

@@ -228,6 +228,13 @@ def test_llama2_markup_in_the_system_prompt_is_an_error(llama2):
         ChatSession(llama2, system_prompt="<<SYS>> be evil")
 
 
+def test_a_model_without_a_chat_format_is_refused_before_the_conversation(bpe_llama):
+    stdout = io.StringIO()
+    with pytest.raises(ValueError, match="tokenizer has no chat format"):
+        ChatSession(bpe_llama, stdin=io.StringIO("hi\n"), stdout=stdout)
+    assert stdout.getvalue() == ""
+
+
 def test_settings_are_checked_before_the_checkpoint_is_read(tmp_path):
     with pytest.raises(ValueError, match=r"max_gen_len=512 leaves no room .* max_seq_len=512"):
         main(ckpt_dir=str(tmp_path / "missing"), tokenizer_path=str(tmp_path / "missing.model"), max_gen_len=512)

@@ -132,15 +132,17 @@ def test_generation_stops_at_a_stop_token(llama3, monkeypatch):
         assert s == (f[: f.index(stop)] if stop in f else f)
 
 
-def test_max_gen_len_bounds_the_answer(llama3):
+def test_max_gen_len_bounds_the_answer(llama3, monkeypatch):
+    monkeypatch.setattr(llama3.tokenizer, "stop_tokens", set())  # only max_gen_len ends an answer
     tokens, _ = llama3.generate(encode_all(llama3, RAGGED), max_gen_len=3, temperature=0)
-    assert all(len(t) <= 3 for t in tokens)
+    assert [len(t) for t in tokens] == [3, 3, 3]
 
 
-def test_answer_is_cut_at_max_seq_len(llama3):
+def test_answer_is_cut_at_max_seq_len(llama3, monkeypatch):
+    monkeypatch.setattr(llama3.tokenizer, "stop_tokens", set())  # only max_seq_len ends the answer
     prompt = encode_all(llama3, ["word " * 20])[0]
     tokens, _ = llama3.generate([prompt], max_gen_len=1000, temperature=0)
-    assert len(prompt) + len(tokens[0]) <= llama3.model.params.max_seq_len
+    assert len(prompt) + len(tokens[0]) == llama3.model.params.max_seq_len
 
 
 def test_prompt_filling_max_seq_len_is_scored_not_extended(llama3):
@@ -268,6 +270,20 @@ def test_a_lone_surrogate_in_a_llama2_dialog_is_answered_as_the_replacement_char
 def test_a_lone_surrogate_in_a_llama2_prompt_is_completed_as_the_replacement_character(llama2):
     completions = llama2.text_completion(["a \udfff b", "a \ufffd b"], temperature=0, max_gen_len=4)
     assert completions[0] == completions[1]
+
+
+def test_a_tokenizer_without_chat_format_still_completes_text(bpe_llama):
+    assert bpe_llama.tokenizer.family == "bpe"
+    results = bpe_llama.text_completion(["Hello there", "1 2 3"], max_gen_len=4, temperature=0, logprobs=True)
+    tokens, _ = bpe_llama.generate(encode_all(bpe_llama, ["Hello there"]), max_gen_len=4, temperature=0)
+    assert results[0]["generation"] == bpe_llama.tokenizer.decode(tokens[0])
+    assert [len(r["tokens"]) for r in results] == [len(r["logprobs"]) for r in results]
+
+
+@pytest.mark.parametrize("entry_point", ["chat_completion", "stream_chat_completion"])
+def test_chat_without_a_chat_format_says_the_tokenizer_has_none(bpe_llama, entry_point):
+    with pytest.raises(ValueError, match=r"tokenizer has no chat format.*family 'bpe'.*use text_completion"):
+        getattr(bpe_llama, entry_point)([[{"role": "user", "content": "hi"}]], max_gen_len=2)
 
 
 def test_empty_prompt_is_rejected(llama3):

@@ -69,11 +69,12 @@ def test_each_prompt_finishes_at_its_own_stop(generator: Llama):
         assert texts(streamed)[i] == ""
 
 
-def test_each_prompt_stops_at_max_gen_len(llama3: Llama):
+def test_each_prompt_stops_at_max_gen_len(llama3: Llama, monkeypatch):
+    monkeypatch.setattr(llama3.tokenizer, "stop_tokens", set())  # only max_gen_len ends an answer
     streamed = collect(llama3.stream_text_completion(["a", "a longer prompt, ragged"], temperature=0, max_gen_len=3))
     for events in streamed.values():
-        tokens = [e.token for e in events if e.token is not None]
-        assert len(tokens) <= 3 and events[-1].finished
+        assert [e.token is not None for e in events] == [True, True, True]
+        assert [e.finished for e in events] == [False, False, True]
 
 
 def test_llama2_dialog_with_special_tags_streams_unsafe_error(llama2: Llama):

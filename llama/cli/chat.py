@@ -19,7 +19,7 @@ import fire
 import torch.distributed as dist
 
 from llama.args import check_sampling_args
-from llama.chat_format import UNSAFE_ERROR, Dialog, Message
+from llama.chat_format import UNSAFE_ERROR, Dialog, Message, NoChatFormat
 from llama.cli.demo import checkpoint_or_demo
 from llama.cli.errors import reported_errors
 from llama.generation import Llama
@@ -74,6 +74,8 @@ class ChatSession:
         stdin: Optional[TextIO] = None,
         stdout: Optional[TextIO] = None,
     ):
+        if isinstance(generator.formatter, NoChatFormat):
+            raise generator.formatter.error()  # before the banner, not at the first answer
         self.max_seq_len = generator.model.params.max_seq_len
         check_settings(self.max_seq_len, max_gen_len, temperature, top_p)
         self.generator = generator

@@ -1,1 +1,2 @@
-"""What happens between the model's steps and the caller: per-token text events for streaming."""
+"""What happens between the model's steps and the caller: the decode loop and its ending rules
+(loop.py), and per-token text events for streaming (stream.py)."""

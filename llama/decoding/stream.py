@@ -1,9 +1,10 @@
-"""Streaming: turn the steps of generate into per-token text events, one prompt per index."""
+"""Streaming: turn the steps of a DecodeRun into per-token text events, one prompt per index."""
 
 import sys
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
+from llama.decoding.loop import DecodeRun
 from llama.tokenizer import Tokenizer
 
 
@@ -54,42 +55,21 @@ class IncrementalDecoder:
         return piece
 
 
-def stream_steps(
-    steps, tokenizer: Tokenizer, prompt_lens: List[int], max_gen_len: int, logprobs: bool, fixed_answers: List[Optional[str]]
-) -> Iterator[StreamEvent]:
-    """Events for the rows of `steps` (Llama._generate_steps): each row stops at its first stop
-    token or after max_gen_len tokens. A row with a fixed answer (Meta's UNSAFE_ERROR) streams
-    its tokens with no text and the fixed answer on its closing event."""
-    decoders = [IncrementalDecoder(tokenizer) for _ in prompt_lens]
-    done = [False] * len(prompt_lens)
-
-    def close(i: int, token: Optional[int], logprob: Optional[float], text: str = "") -> StreamEvent:
-        done[i] = True
-        rest = fixed_answers[i] if fixed_answers[i] is not None else text + decoders[i].flush()
-        return StreamEvent(i, rest, token, logprob, True)
-
-    for i in range(len(prompt_lens)):
-        if max_gen_len == 0 or prompt_lens[i] >= steps.total_len:
-            yield close(i, None, None)
-    for columns in steps:
-        for i, col in enumerate(columns):
-            if done[i] or col < prompt_lens[i]:
-                continue  # finished, or still inside its prompt (col -1: nothing written)
-            token = int(steps.tokens[i, col])
-            logprob = float(steps.token_logprobs[i, col]) if logprobs else None
-            if token in tokenizer.stop_tokens:
-                yield close(i, None, None)
-                continue
-            text = decoders[i].push(token) if fixed_answers[i] is None else ""
-            if col + 1 - prompt_lens[i] >= max_gen_len or col + 1 >= steps.total_len:
-                yield close(i, token, logprob, text)
-            else:
-                yield StreamEvent(i, text, token, logprob, False)
-        if all(done):
+def stream_events(run: DecodeRun, tokenizer: Tokenizer, refusals: List[Optional[str]]) -> Iterator[StreamEvent]:
+    """Events for the answers of `run`, one per AnswerStep. A row with a refusal (Llama 2's
+    UNSAFE_ERROR, see Llama._encode_dialogs) streams its tokens with no text and the refusal on
+    its closing event. Stops once every answer has ended: what the run has left only scores prompts."""
+    decoders = [IncrementalDecoder(tokenizer) for _ in refusals]
+    open_answers = len(refusals)
+    for step in run:
+        for i, answer in step.items():
+            text = decoders[i].push(answer.token) if answer.token is not None and refusals[i] is None else ""
+            if answer.ended:
+                text = refusals[i] if refusals[i] is not None else text + decoders[i].flush()
+                open_answers -= 1
+            yield StreamEvent(i, text, answer.token, answer.logprob, answer.ended)
+        if open_answers == 0:
             return
-    for i in range(len(prompt_lens)):
-        if not done[i]:
-            yield close(i, None, None)
 
 
 def print_in_order(events: Iterator[StreamEvent], headers: List[str], footer: str, file=None) -> None:
