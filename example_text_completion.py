@@ -40,7 +40,7 @@ def main(
     `compile` compiles the decode step with torch.compile: slower start, faster tokens.
     `stream` prints answers as they are generated (the default for the demo model).
     `threads` sets the CPU threads (default: the CPUs this process may use; or LLAMA_NUM_THREADS).
-    Without --ckpt_dir, a small demo chat model is used (see llama/demo.py); without
+    Without --ckpt_dir, a small demo chat model is used (see llama/cli/demo.py); without
     --tokenizer_path, the checkpoint's own tokenizer file. Errors are one line; LLAMA_DEBUG=1
     shows their traceback.
     """

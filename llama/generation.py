@@ -43,7 +43,7 @@ from llama.runtime.distributed import (
     check_world_holds,
     default_device_and_dtype,
     init_model_parallel,
-    requested_world_size,
+    model_parallel_size_to_use,
     select_device,
     select_dtype,
     wait_for_every_rank_to_load,
@@ -111,7 +111,7 @@ class Llama:
         if max_seq_len < 1 or max_batch_size < 1:
             raise ValueError(f"max_seq_len and max_batch_size must be positive, got {max_seq_len} and {max_batch_size}")
         check_weight_format(weight_format)
-        mp_size = requested_world_size(model_parallel_size)
+        mp_size = model_parallel_size_to_use(model_parallel_size)
         source = open_checkpoint(ckpt_dir)
         params = source.params
         tokenizer = open_tokenizer(source, tokenizer_path)
@@ -147,7 +147,7 @@ class Llama:
 
         start_time = time.time()
         rank = get_model_parallel_rank()
-        ckpt_path = source.location(rank, mp_size)
+        ckpt_path = source.file_for_errors(rank, mp_size)
         checkpoint = source.state_dict_for(rank, mp_size, model_args.vocab_parallel_embedding)
         _check_embedding_shape(checkpoint, model_args, mp_size, ckpt_path, tokenizer_path)
         with default_device_and_dtype(device, dtype):

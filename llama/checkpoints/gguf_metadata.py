@@ -15,8 +15,8 @@ its data from the data section, which starts at the next multiple of general.ali
 
 import mmap
 import struct
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple, Union
 
 GGUF_MAGIC = b"GGUF"

@@ -16,16 +16,9 @@ from typing import List
 import torch
 
 from llama.args import CheckpointError, ModelArgs
-from llama.checkpoints.meta import (
-    check_model_parallel_size,
-    checkpoint_paths,
-    load_shard,
-    read_params,
-    resharded_state_dict,
-    vocab_parallel_layout,
-)
+from llama.checkpoints.meta import check_model_parallel_size, resharded_state_dict
 from llama.checkpoints.output_folder import staged_output, write_checklist
-from llama.checkpoints.tensors import family_defaults
+from llama.checkpoints.tensors import open_meta_folder
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +45,10 @@ def reshard(ckpt_dir: str, output_dir: str, model_parallel_size: int, overwrite:
     """
     if isinstance(model_parallel_size, bool) or not isinstance(model_parallel_size, int) or model_parallel_size < 1:
         raise CheckpointError(f"--model_parallel_size must be a positive integer, got {model_parallel_size!r}")
-    paths = checkpoint_paths(ckpt_dir)
-    params = read_params(ckpt_dir)
-    shards = [load_shard(p) for p in paths]  # memory-mapped: only the slices used are read
-    embedding = shards[0].get("tok_embeddings.weight")
-    if embedding is None:
-        raise CheckpointError(f"{paths[0]} has no tok_embeddings.weight; is it a Meta consolidated.NN.pth shard?")
-    family_says = family_defaults(Path(ckpt_dir), params).get("vocab_parallel_embedding", True)
-    vocab_parallel = vocab_parallel_layout(embedding.shape, len(paths), params, family_says)
+    params, shards, vocab_parallel = open_meta_folder(Path(ckpt_dir))
+    embedding = shards[0]["tok_embeddings.weight"]
     args = ModelArgs.from_params(params, vocab_size=max(params.get("vocab_size", -1), 1))
-    split_size = embedding.shape[0] * len(paths) if vocab_parallel else embedding.shape[1] * len(paths)
+    split_size = embedding.shape[0] * len(shards) if vocab_parallel else embedding.shape[1] * len(shards)
     check_model_parallel_size(
         args.n_heads, args.n_kv_heads or args.n_heads, split_size, model_parallel_size, ckpt_dir,
         remedy="llama-reshard ... --model_parallel_size {n}",

@@ -48,7 +48,7 @@ class CheckpointSource:
             return load_for_rank(self.shards, rank, model_parallel_size, vocab_parallel_embedding)
         return ConvertedShard(self.tensors, rank, model_parallel_size, vocab_parallel_embedding)
 
-    def location(self, rank: int, model_parallel_size: int) -> Path:
+    def file_for_errors(self, rank: int, model_parallel_size: int) -> Path:
         """The file errors about this rank's weights should name."""
         if self.shards is not None and len(self.shards) == model_parallel_size:
             return self.shards[rank]

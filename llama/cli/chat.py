@@ -254,7 +254,7 @@ def main(
     stores the weights compactly: faster answers, close to but not exactly the model's own.
     `compile` compiles the decode step with torch.compile: slower start, faster answers.
     `threads` sets the CPU threads (default: the CPUs this process may use; or LLAMA_NUM_THREADS).
-    Without --ckpt_dir, a small demo chat model is used (see llama/demo.py); without
+    Without --ckpt_dir, a small demo chat model is used (see llama/cli/demo.py); without
     --tokenizer_path, the checkpoint's own tokenizer file.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")

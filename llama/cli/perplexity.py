@@ -226,7 +226,7 @@ def main(
 ) -> None:
     """
     Print the perplexity of the checkpoint (Meta folder, Hugging Face folder or .gguf file) on
-    `text` (a file, or `shakespeare[:PLAY]`, see llama/perplexity.py) over chunks of `n_ctx`
+    `text` (a file, or `shakespeare[:PLAY]`, see llama/cli/perplexity.py) over chunks of `n_ctx`
     tokens as llama.cpp's perplexity tool does; progress goes to stderr. `max_chunks` scores only
     the first chunks; `batch_size` chunks are evaluated together. `weight_format` (bf16, int8, int4),
     `device` and `dtype` as for Llama.build.

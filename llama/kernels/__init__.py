@@ -12,7 +12,7 @@ once for all activation rows on a small thread pool that tolerates a busy core.
   scales (plus the 4-bit min times the block's scaled sum). Converting the weight to floats costs
   more than reading it on AVX2; integer dot products do not. Quantizing the activations is part of
   these lossy formats' cost (about 0.5% of an output's scale per product), measured with the
-  perplexity command (llama/perplexity.py).
+  perplexity command (llama/cli/perplexity.py).
 
 The library is built at first use (build.py). Without a compiler, or with LLAMA_KERNELS=torch,
 every product runs its torch reference instead: the same integers, the same results up to float

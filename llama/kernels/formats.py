@@ -1,7 +1,7 @@
 """Compact weight formats for the CPU kernels: how they are packed from a float weight or from GGUF
 blocks, and how they dequantize (the reference the kernels agree with).
 
-- int8: q (n, k) int8 and float32 scales (n,) (one per output row, as llama/linear.py's
+- int8: q (n, k) int8 and float32 scales (n,) (one per output row, as llama/layers/linear.py's
   pack_weight makes) or (n, k // 32) (one per GGUF Q8_0 block); value = q * scale.
 - 4-bit: Q4Weight, GGUF Q4_0/Q4_1 blocks with their scales pulled out beside the nibbles.
 

@@ -58,7 +58,7 @@ def timeout_seconds(env: str, default: float) -> float:
     return seconds
 
 
-def requested_world_size(model_parallel_size: Optional[int]) -> int:
+def model_parallel_size_to_use(model_parallel_size: Optional[int]) -> int:
     """Model-parallel size asked for, else the torchrun world size (1 without torchrun).
 
     Raises TypeError / ValueError for a model_parallel_size that is not a positive integer.
