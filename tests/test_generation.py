@@ -12,6 +12,7 @@ import torch
 from llama import Llama, sample_top_p
 from llama.args import check_sampling_args
 from llama.chat_format import UNSAFE_ERROR
+from llama.layers.linear import few_rows_on_kernels
 
 
 def reference_generate(
@@ -299,3 +300,26 @@ def test_token_ids_outside_the_vocabulary_are_rejected(llama3):
 def test_text_completion_wants_a_list_of_strings(llama3):
     with pytest.raises(TypeError, match="list of strings"):
         llama3.text_completion("I believe the meaning of life is")
+
+
+def test_decode_steps_on_the_kernels_run_torch_on_one_thread(llama3, monkeypatch):
+    """torch's own ops of such a step are tiny; its OpenMP threads would only take the cores from
+    the kernels' pool. Prefill keeps every thread, and the count is restored after each step."""
+    if not few_rows_on_kernels(llama3.model.output):
+        pytest.skip("llama.kernels is not built here: decode products run on torch's threads")
+    seen: List[Tuple[bool, int]] = []
+    step = llama3.model.step
+
+    def spy(tokens, start_pos, **kwargs):
+        seen.append((isinstance(start_pos, int), torch.get_num_threads()))
+        return step(tokens, start_pos, **kwargs)
+
+    monkeypatch.setattr(llama3.model, "step", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        llama3.generate([[1, 2, 3]], max_gen_len=4, temperature=0)
+        assert seen[0] == (True, 2) and all(threads == 1 for prefill, threads in seen[1:] if not prefill)
+        assert len(seen) > 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -7,7 +7,9 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from llama.layers.linear import few_rows_on_kernels
 from llama.model import Transformer
+from llama.runtime.host import torch_threads
 from llama.tokenizer import Tokenizer
 
 
@@ -69,6 +71,8 @@ class DecodeRun:
         self.starts = prompt_lens if own_start else [self.min_prompt_len] * len(prompt_lens)
         # The column after each row's last answer token: Meta trims anything past prompt + max_gen_len.
         self.ends = [min(n + max_gen_len, self.total_len) for n in prompt_lens]
+        # One torch thread during decode steps whose products have their own threads (see torch_threads).
+        self.decode_threads = 1 if few_rows_on_kernels(model.output) else None
         self._steps = self._loop()
 
     def __iter__(self) -> "DecodeRun":
@@ -168,7 +172,8 @@ class DecodeRun:
 
     def _decode(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token per row at its position -> next logits (bsz, vocab)."""
-        return self.model.step(token[:, None], pos)[:, -1]
+        with torch_threads(self.decode_threads):
+            return self.model.step(token[:, None], pos)[:, -1]
 
 
 def _sample(last_logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

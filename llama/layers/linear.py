@@ -142,6 +142,14 @@ def native_products() -> bool:
     return _native
 
 
+def few_rows_on_kernels(layer: "LocalProduct") -> bool:
+    """Whether this layer's products of a decode step (up to DECODE_ROWS rows on the CPU) run on
+    llama.kernels: exact fp32, int8 and 4-bit weights do; bf16 weights use torch's."""
+    return layer.weight.device.type == "cpu" and native_products() and (
+        layer.weight_scale is not None or layer.weight.dtype == torch.float32
+    )
+
+
 def _native_rows(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.numel() // x.shape[-1] <= DECODE_ROWS and native_products()
 
