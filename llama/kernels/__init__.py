@@ -240,12 +240,23 @@ def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _plain_f32(t: torch.Tensor) -> bool:
-    return t.dtype is torch.float32 and t.is_cpu and t.is_contiguous() and t.numel() > 0
+    return _plain(t, torch.float32)
+
+
+def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return t.dtype is dtype and t.is_cpu and t.is_contiguous() and t.numel() > 0
 
 
 def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (..., k) float32 @ (q * scale)^T -> (..., n): q int8 (n, k), scale float32 (n,) per output
     row or (n, groups) per run of k // groups columns (a multiple of 32)."""
+    lib = None if _compiling() else _library()
+    if lib is not None and _plain_f32(x) and _plain_f32(scale) and _plain(q, torch.int8):
+        # The common case checked in ~1 us (as linear_f32): a decode step makes ~100 of these calls.
+        n, k = q.shape
+        groups = scale.shape[1] if scale.dim() == 2 else 1
+        if x.shape[-1] == k and scale.shape[0] == n and scale.dim() <= 2 and (groups == 1 or k % (groups * BLOCK) == 0):
+            return _call(lib.llk_linear_q8, x, n, q.data_ptr(), scale.data_ptr(), groups)
     _check("linear_q8", "q", q, torch.int8, (None, None))
     _check_scale("linear_q8", scale, *q.shape)
     _check_x("linear_q8", x, q.shape[1])
@@ -254,6 +265,12 @@ def linear_q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
 
 def linear_q4(x: torch.Tensor, w: Q4Weight) -> torch.Tensor:
     """x (..., k) float32 @ dequantize_q4(w)^T -> (..., n)."""
+    lib = None if _compiling() else _library()
+    qs, d, m = w.qs, w.d, w.m
+    if lib is not None and _plain_f32(x) and _plain(qs, torch.uint8) and _plain(d, torch.float16) and _plain(m, torch.float16):
+        n, k = qs.shape[0], 2 * qs.shape[1]  # as linear_q8's fast path
+        if d.dim() == 2 and d.shape == m.shape and d.shape[0] == n and x.shape[-1] == k and k % (d.shape[1] * BLOCK) == 0:
+            return _call(lib.llk_linear_q4, x, n, qs.data_ptr(), d.data_ptr(), m.data_ptr(), d.shape[1])
     _check_q4("linear_q4", w)
     _check_x("linear_q4", x, w.shape[1])
     return (_op_q4 if _compiling() else _linear_q4)(x, w.qs, w.d, w.m)
