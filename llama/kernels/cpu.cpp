@@ -223,6 +223,11 @@ inline __m128i load16(const void* p) { return _mm_loadu_si128(static_cast<const 
 
 // 16 unsigned bytes times 16 signed bytes -> 4 int32 sums of 4 neighbours (VNNI), else 8 int16
 // sums of 2. maddubs's int16 sums cannot saturate here: |q| <= 128, |qx| <= 127 give at most 32512.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// Two blocks per 512-bit dot product (CPUs with full-width AVX-512 units, e.g. Zen 5, Xeon):
+// one 64-byte weight load and one activation load give 16 int32 sums, 8 per block.
+#define LLK_VNNI512 1
+#endif
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define LLK_VNNI 1
 inline __m128i dot_u8s8(__m128i u, __m128i s) { return _mm_dpbusd_epi32(_mm_setzero_si128(), u, s); }
@@ -322,6 +327,19 @@ struct Q4 {
     }
     static __m256i widen_sums(__m256i v) { return widen(v); }
 #endif
+#if defined(LLK_VNNI512)
+    // Blocks b and b + 1 as 64 unsigned bytes in column order: the 32 packed bytes, each 16-byte
+    // half repeated, the second copy's nibbles shifted down.
+    __m512i block2(int64_t row, int64_t b) const {
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes(row, b)));
+        const __m512i both = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3), _mm512_castsi256_si512(packed));
+        const __m512i shift = _mm512_setr_epi64(0, 0, 0x0004000400040004, 0x0004000400040004, 0, 0, 0x0004000400040004, 0x0004000400040004);
+        return _mm512_and_si512(_mm512_srlv_epi16(both, shift), _mm512_set1_epi8(15));
+    }
+    static __m512i dot2(__m512i w, const int8_t* x) {
+        return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x));
+    }
+#endif
 };
 
 // int8 values with a float scale per output row (groups == 1, any k) or per group of columns
@@ -362,6 +380,15 @@ struct Q8 {
 #endif
     }
     static __m256i widen_sums(__m256i v) { return v; }
+#endif
+#if defined(LLK_VNNI512)
+    // Blocks b and b + 1 (whole, inside the row): 64 signed bytes; dot2 applies the sign trick.
+    __m512i block2(int64_t row, int64_t b) const { return _mm512_loadu_si512(q + row * k + b * BLOCK); }
+    static __m512i dot2(__m512i w, const int8_t* x) {
+        const __m512i xv = _mm512_loadu_si512(x);
+        const __m512i signed_x = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(w), _mm512_setzero_si512(), xv);
+        return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), signed_x);
+    }
 #endif
 };
 
@@ -404,6 +431,11 @@ void qtile(const Fmt& f, const QProduct& p, int64_t row, int64_t i0) {
     __m256 acc[R][M];
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < M; ++i) acc[r][i] = _mm256_setzero_ps();
+#if defined(LLK_VNNI512)
+    __m512 acc512[R][M];
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < M; ++i) acc512[r][i] = _mm512_setzero_ps();
+#endif
     for (int64_t b0 = 0; b0 < x.blocks; b0 += 8) {
         const int nb = static_cast<int>(std::min<int64_t>(8, x.blocks - b0));
         alignas(32) float scales[R][M][8];  // d * dx of blocks b0..b0 + 7
@@ -415,6 +447,22 @@ void qtile(const Fmt& f, const QProduct& p, int64_t row, int64_t i0) {
             for (int i = 0; i < M; ++i)
                 _mm256_store_ps(scales[r][i], _mm256_mul_ps(_mm256_load_ps(d), _mm256_loadu_ps(x.row_d(i0 + i) + b0)));
         }
+#if defined(LLK_VNNI512)
+        if (nb == 8 && (b0 + 8) * BLOCK <= p.k) {
+            for (int j = 0; j < 8; j += 2) {
+                const __m512i lanes = _mm512_setr_epi32(j, j, j, j, j, j, j, j, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1);
+                for (int r = 0; r < R; ++r) {
+                    const __m512i w = f.block2(row + r, b0 + j);
+                    for (int i = 0; i < M; ++i) {
+                        const __m512i sums = Fmt::dot2(w, x.row_q(i0 + i) + (b0 + j) * BLOCK);
+                        const __m512 scale = _mm512_permutexvar_ps(lanes, _mm512_castps256_ps512(_mm256_load_ps(scales[r][i])));
+                        acc512[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc512[r][i]);
+                    }
+                }
+            }
+            continue;
+        }
+#endif
         if (nb == 8) {
             qpair<Fmt, R, M, 0>(f, x, row, i0, b0 + 0, true, scales, acc);
             qpair<Fmt, R, M, 1>(f, x, row, i0, b0 + 1, true, scales, acc);
@@ -428,7 +476,12 @@ void qtile(const Fmt& f, const QProduct& p, int64_t row, int64_t i0) {
         }
     }
     for (int r = 0; r < R; ++r)
-        for (int i = 0; i < M; ++i) out[r][i] = hsum(acc[r][i]);
+        for (int i = 0; i < M; ++i) {
+            out[r][i] = hsum(acc[r][i]);
+#if defined(LLK_VNNI512)
+            out[r][i] += _mm512_reduce_add_ps(acc512[r][i]);
+#endif
+        }
 #else
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < M; ++i) {
