@@ -45,7 +45,7 @@ def reshard(ckpt_dir: str, output_dir: str, model_parallel_size: int, overwrite:
     """
     if isinstance(model_parallel_size, bool) or not isinstance(model_parallel_size, int) or model_parallel_size < 1:
         raise CheckpointError(f"--model_parallel_size must be a positive integer, got {model_parallel_size!r}")
-    params, shards, vocab_parallel = open_meta_folder(Path(ckpt_dir))
+    params, shards, vocab_parallel, _ = open_meta_folder(Path(ckpt_dir))
     embedding = shards[0]["tok_embeddings.weight"]
     args = ModelArgs.from_params(params, vocab_size=max(params.get("vocab_size", -1), 1))
     split_size = embedding.shape[0] * len(shards) if vocab_parallel else embedding.shape[1] * len(shards)

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -191,17 +191,24 @@ def check_shapes(
 # --- Meta folders ---
 
 
-def open_meta_folder(src: Path) -> Tuple[Dict[str, Any], List[Dict[str, torch.Tensor]], bool]:
-    """A Meta folder's params.json, its shards (memory-mapped: only what is used is read) and
-    whether its embedding is split by vocabulary (Llama 3) rather than by model dimension."""
+class MetaFolder(NamedTuple):
+    params: Dict[str, Any]  # params.json as written
+    shards: List[Dict[str, torch.Tensor]]  # memory-mapped: only what is used is read
+    vocab_parallel: bool  # the embedding is split by vocabulary (Llama 3), not by model dimension
+    defaults: Dict[str, Any]  # what the folder's tokenizer family leaves out of params.json
+
+
+def open_meta_folder(src: Path) -> MetaFolder:
+    """A Meta folder's params.json, shards, embedding split and family defaults (its tokenizer read once)."""
     paths = checkpoint_paths(str(src))
     params = read_params(str(src))
     shards = [load_shard(p) for p in paths]
     embedding = shards[0].get("tok_embeddings.weight")
     if embedding is None:
         raise CheckpointError(f"{paths[0]} has no tok_embeddings.weight; is it a Meta consolidated.NN.pth shard?")
-    family_says = family_defaults(src, params).get("vocab_parallel_embedding", True)
-    return params, shards, vocab_parallel_layout(embedding.shape, len(paths), params, family_says)
+    defaults = family_defaults(src, params)
+    family_says = defaults.get("vocab_parallel_embedding", True)
+    return MetaFolder(params, shards, vocab_parallel_layout(embedding.shape, len(paths), params, family_says), defaults)
 
 
 def read_meta_folder(src: Path) -> Tuple[Dict[str, Any], MetaTensors, bool]:
@@ -209,8 +216,7 @@ def read_meta_folder(src: Path) -> Tuple[Dict[str, Any], MetaTensors, bool]:
 
     Several shards are merged tensor by tensor from their memory maps.
     """
-    params, shards, vocab_parallel = open_meta_folder(src)
-    defaults = family_defaults(src, params)
+    params, shards, vocab_parallel, defaults = open_meta_folder(src)
 
     def merged(key: str) -> torch.Tensor:
         return resharded_state_dict([{key: s[key]} for s in shards], 0, 1, vocab_parallel)[key]
