@@ -98,20 +98,22 @@ def _q8_embedding(state_dict: Mapping[str, torch.Tensor], key: str, weight_forma
     are int8/int4 and one process holds the whole vocabulary; else None (loaded as floats)."""
     if weight_format not in ("int8", "int4") or fs_init.get_model_parallel_world_size() != 1:
         return None
-    blocks = getattr(state_dict, "blocks", None)
-    found = blocks(key) if callable(blocks) else None
+    found = _source_blocks(state_dict, key)
     if found is None or found[0] != "Q8_0":
         return None
-    q, scale = kernels.q8_from_gguf(found[1])
-    _page_out_array(found[1])
-    return q.to(device), scale.to(device)
+    return _packed(state_dict, key, "int8", device)  # the Q8_0 blocks as they are
+
+
+def _source_blocks(state_dict: Mapping[str, torch.Tensor], key: str) -> Optional[Tuple[str, np.ndarray]]:
+    """(GGUF type name, raw blocks) of a quantized source tensor (MetaTensors.blocks), else None."""
+    blocks = getattr(state_dict, "blocks", None)
+    return blocks(key) if callable(blocks) else None
 
 
 def _packed(state_dict: Mapping[str, torch.Tensor], key: str, weight_format: str, device: torch.device) -> Tuple[Packed, Optional[torch.Tensor]]:
     """A linear weight in weight_format (pack_weight's result): from the source's quantized
     blocks where they fit the format, copied as they are, else quantized from its floats."""
-    blocks = getattr(state_dict, "blocks", None)
-    found = blocks(key) if callable(blocks) else None
+    found = _source_blocks(state_dict, key)
     if found is not None and weight_format != "bf16":
         qtype, data = found
         packed: Optional[Tuple[Packed, Optional[torch.Tensor]]] = None
