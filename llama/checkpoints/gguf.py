@@ -42,6 +42,7 @@ ROPE_FREQS = "rope_freqs.weight"
 # Quantizations whose blocks (32 columns each) a compact weight format takes as they are (blocks()).
 KEPT_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_NUMPY_FLOATS = {"F32": np.float32, "F16": np.float16, "F64": np.float64}  # BF16 stays raw bytes: numpy has none
 _REQUIRED = object()
 
 
@@ -146,7 +147,7 @@ class _Tensor:
         raw = file[info.file_offset : info.file_offset + rows * row_bytes]
         if len(raw) < rows * row_bytes:
             raise ValueError(f"tensor {info.name} runs past the end of the file")
-        float_dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64}.get(self.kind)
+        float_dtype = _NUMPY_FLOATS.get(self.kind)
         self.data = raw.view(float_dtype).reshape(self.shape) if float_dtype else raw.reshape(*self.shape[:-1], row_bytes)
 
 
