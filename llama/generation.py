@@ -37,6 +37,7 @@ from llama.checkpoints.source import open_checkpoint, open_tokenizer
 from llama.decoding.loop import DecodeRun, sample_top_p
 from llama.decoding.stream import StreamEvent, stream_events
 from llama.layers.compact import fuse_projections
+from llama.layers.decode_step import native_decode
 from llama.layers.linear import check_int4_columns, check_weight_format
 from llama.model import Transformer
 from llama.runtime.distributed import (
@@ -99,9 +100,11 @@ class Llama:
         layers' weights compactly for faster decoding, at some accuracy: "bf16", "int8" (per
         output channel) or "int4" (groups of 32 columns); a GGUF file's Q4_0/Q4_1 blocks load
         as they are under "int4", its Q8_0 blocks under "int8" and "int4"; None keeps Meta's exact
-        numerics and dequantizes a GGUF (see llama.layers.linear). compile=True
-        decodes with a torch.compile'd step (Transformer.step): compiled at the first
-        generate, then faster; logits equal to float rounding. threads: CPU threads to compute
+        numerics and dequantizes a GGUF (see llama.layers.linear). On the CPU, a decode step
+        runs its layers in one native call where the weights allow (fp32, int8, int4; see
+        llama.layers.decode_step). Elsewhere compile=True decodes with a torch.compile'd step
+        (Transformer.step): compiled at the first generate, then faster; logits equal to float
+        rounding. threads: CPU threads to compute
         with (default $LLAMA_NUM_THREADS, else the CPUs this process may use, see llama.runtime.host).
         All inputs are checked before any weight is read.
         """
@@ -156,7 +159,9 @@ class Llama:
         del checkpoint
         if weight_format is not None:
             fuse_projections(model)
-        if compile:
+        if compile and native_decode(model) is not None:
+            logger.info("compile=True: not needed here, every decode step runs its layers in one native call (llama.kernels.decode)")
+        elif compile:
             logger.info("The decode step is compiled with torch.compile at the first generation: expect a pause (up to a minute on a small CPU).")
         wait_for_every_rank_to_load()  # a slow load must not count against the first step's timeout
         logger.info(

@@ -14,7 +14,10 @@ from fairscale.nn.model_parallel.layers import ParallelEmbedding, VocabParallelE
 from torch import nn
 
 from llama.args import LLAMA3_ROPE_SCALING, ModelArgs, swiglu_width
+from llama.kernels.decode import DecodeLayers
+from llama.layers.decode_step import native_decode
 from llama.layers.linear import (
+    DECODE_ROWS,
     ColumnParallelLinear,
     RowParallelLinear,
     SeparateColumns,
@@ -244,8 +247,8 @@ class TransformerBlock(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, params: ModelArgs, *, compile_decode: bool = False):
-        """compile_decode: step() runs decode steps (one token per row at per-row positions)
-        through torch.compile, compiled at the first such step with the batch size and the
+        """compile_decode: step() runs decode steps (one token per row at per-row positions) that
+        do not run natively (llama.layers.decode_step) through torch.compile, compiled at the first such step with the batch size and the
         attended length symbolic, so that neither recompiles (a batch of one is specialized, so
         a first other batch size compiles once more)."""
         super().__init__()
@@ -268,6 +271,7 @@ class Transformer(nn.Module):
             params.dim // params.n_heads, params.max_seq_len * 2, params.rope_theta, params.use_scaled_rope
         )
         self.freqs_cos_sin = torch.view_as_real(self.freqs_cis)  # the same numbers, for real arithmetic
+        self._native: Union[None, bool, DecodeLayers] = None  # decided at the first decode step after a prefill
         self._compiled_decode: Optional[Callable[..., torch.Tensor]] = None
         if compile_decode:
             native_products()  # decided now: the compiled step must not trace the kernels' build check
@@ -312,7 +316,12 @@ class Transformer(nn.Module):
         up to float rounding.
         """
         if isinstance(start_pos, int):
+            self._native = None  # weights may have changed since the last generation: described anew
             return self.forward(tokens, start_pos, cache_row=cache_row, last_only=last_only)
+        if self._native is None:
+            self._native = native_decode(self) or False
+        if self._native and tokens.shape[0] <= DECODE_ROWS:
+            return self._native_step(self._native, tokens, start_pos, cache_row)
         if self._compiled_decode is not None:
             mask = _row_mask(start_pos, int(start_pos.max()) + 1, self.norm.weight.dtype)
             for t, dims in ((tokens, (0,)), (start_pos, (0,)), (mask, (0, 3))):
@@ -322,6 +331,14 @@ class Transformer(nn.Module):
         if bool((start_pos == start_pos[0]).all()):
             start_pos = int(start_pos[0])  # the whole batch at one position: Meta's path, no mask
         return self.forward(tokens, start_pos, cache_row=cache_row, last_only=last_only)
+
+    @torch.inference_mode()
+    def _native_step(self, layers: DecodeLayers, tokens: torch.Tensor, positions: torch.Tensor, cache_row: int) -> torch.Tensor:
+        """A decode step with every layer in one native call (llama.layers.decode_step): Meta's
+        arithmetic in float32 without ~25 torch operations per layer -> logits (bsz, 1, vocab_size)."""
+        h = self.tok_embeddings(tokens).reshape(tokens.shape[0], -1).contiguous()
+        h = layers(h, positions, cache_row)
+        return self.output(self.norm(h[:, None])).float()
 
     @torch.no_grad()
     def _decode_with_mask(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache_row: int) -> torch.Tensor:

@@ -278,7 +278,7 @@ def test_avx512_and_vnni_paths_compile(native, march):
     """This CPU may lack AVX-512 and VNNI (AVX512-VNNI on icelake-server, AVX-VNNI on alderlake):
     at least their code must compile."""
     flags = ["-std=c++17", "-fsyntax-only", f"-march={march}"]
-    result = subprocess.run([build.find_compiler(), *flags, str(build.SOURCE)], capture_output=True, text=True)
+    result = subprocess.run([build.find_compiler(), *flags, *map(str, build.SOURCES)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 

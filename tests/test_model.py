@@ -6,6 +6,7 @@ import pytest
 import torch
 from checkpoints import TINY_PARAMS, ffn_hidden_dim, random_state_dict
 
+import llama.model
 from llama.args import ModelArgs
 from llama.model import Transformer, _attention_by_reductions, apply_rotary_emb, precompute_freqs_cis
 from llama.runtime.distributed import default_device_and_dtype
@@ -103,8 +104,10 @@ def test_rows_at_their_own_positions_equal_each_row_alone(model_parallel):
 
 
 def test_static_shape_decode_gives_forward_logits(model_parallel, monkeypatch):
-    # The step compile_decode compiles, run eagerly: its static-shape form (real RoPE, mask) alone.
+    # The step compile_decode compiles, run eagerly: its static-shape form (real RoPE, mask) alone,
+    # on a model whose decode steps would otherwise run natively.
     monkeypatch.setattr(torch, "compile", lambda step: step)
+    monkeypatch.setattr(llama.model, "native_decode", lambda model: None)
     model = tiny_model(compile_decode=True)
     lengths = [5, 11, 8]
     tokens = torch.randint(0, VOCAB, (3, 13), generator=torch.Generator().manual_seed(4))

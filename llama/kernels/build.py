@@ -1,4 +1,4 @@
-"""Build cpu.cpp into a shared library once per source, compiler, flags and CPU, and load it.
+"""Build cpu.cpp and decode.cpp into a shared library once per source, compiler, flags and CPU, and load it.
 
 The library is compiled with -march=native, so a cached build is only valid on a CPU with the
 same instruction set extensions: their list is part of the cache key, and a cache directory copied
@@ -21,7 +21,9 @@ from llama.runtime.host import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu.cpp")
+# The products (cpu.cpp), the decode step that calls them (decode.cpp), and their shared vector types.
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu.cpp", "decode.cpp"))
+HEADERS = (Path(__file__).with_name("simd.h"),)
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
 
 
@@ -56,10 +58,10 @@ def cpu_flags() -> str:
 
 
 def library_path(compiler: str, flags: Sequence[str] = FLAGS) -> Path:
-    """Where the build for this source, compiler (and its version), flags and CPU lives."""
+    """Where the build for these sources, compiler (and its version), flags and CPU lives."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     key = hashlib.sha256()
-    for part in (SOURCE.read_text(), compiler, version, " ".join(flags), cpu_flags()):
+    for part in (*(f.read_text() for f in SOURCES + HEADERS), compiler, version, " ".join(flags), cpu_flags()):
         key.update(part.encode() + b"\0")
     return cache_root() / "kernels" / key.hexdigest()[:16] / "cpu.so"
 
@@ -73,7 +75,7 @@ def build(compiler: str, flags: Sequence[str] = FLAGS) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="cpu.", suffix=".so.tmp")
     os.close(fd)
-    command: List[str] = [compiler, *flags, str(SOURCE), "-o", tmp]
+    command: List[str] = [compiler, *flags, *map(str, SOURCES), "-o", tmp]
     try:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
@@ -101,6 +103,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.llk_linear_q8.argtypes = [ptr, ptr, ptr, i64, ptr, i64, i64, i64]
     lib.llk_linear_q4.restype = None
     lib.llk_linear_q4.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64]
+    lib.llk_decode_layers.restype = ctypes.c_int
+    lib.llk_decode_layers.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, ptr]
     return lib
 
 
@@ -121,6 +125,6 @@ def native_library() -> Optional[ctypes.CDLL]:
         log.warning(
             "llama.kernels: building %s with %s failed (%s): small-batch CPU products fall back to "
             "torch and run slower; install a working C++17 compiler (e.g. apt-get install g++) or set $CXX",
-            SOURCE.name, compiler, last_line,
+            " and ".join(f.name for f in SOURCES), compiler, last_line,
         )
         return None

@@ -1,0 +1,272 @@
+// One decode step of a Llama's transformer layers on the CPU: a few rows of one token each,
+// through every layer in one call.
+//
+// A decode step of a small model does little work per operation, so calling torch for each
+// norm, rotation, attention and activation (about 25 operations per layer) costs more than the
+// arithmetic: SmolLM2's 30 layers spent ~7 ms a step outside the products, about as long as
+// llama.cpp takes for its whole step. Here they are plain loops over the rows, and the products
+// are cpu.cpp's. The algorithm is Meta's in fp32 (model.py): RMSNorm, interleaved RoPE, softmax
+// attention over each row's cached positions, SwiGLU, residuals; only summation order and the
+// exponential's last bits differ from torch's.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "simd.h"
+
+extern "C" {
+void llk_linear_f32(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n);
+void llk_linear_q8(const float* x, const int8_t* q, const float* scale, int64_t groups, float* y, int64_t m,
+                   int64_t k, int64_t n);
+void llk_linear_q4(const float* x, const uint8_t* qs, const uint16_t* d, const uint16_t* mins, int64_t groups,
+                   float* y, int64_t m, int64_t k, int64_t n);
+void llk_parallel_for(void (*fn)(const void* ctx, int64_t i), const void* ctx, int64_t n);
+
+// A weight in one of the products' formats: n output rows of k columns.
+struct LlkLinear {
+    int64_t format;  // 0: fp32 w; 1: int8 w, float scale (n, groups); 2: 4-bit w, fp16 scale and min (n, groups)
+    const void* w;
+    const void* scale;
+    const void* min;
+    int64_t groups, n, k;
+};
+
+// A layer's weights and key/value cache. Projections that read the same input come as one fused
+// weight (parts == 1: rows of q, k, v or of w1, w3 one after the other) or as separate ones.
+struct LlkLayer {
+    const float* attention_norm;
+    const float* ffn_norm;
+    LlkLinear qkv[3];
+    int64_t qkv_parts;
+    LlkLinear wo;
+    LlkLinear w13[2];
+    int64_t w13_parts;
+    LlkLinear w2;
+    float* cache_k;  // (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+    float* cache_v;
+};
+
+struct LlkDims {
+    int64_t dim, n_heads, n_kv_heads, head_dim, hidden, max_batch_size, max_seq_len;
+    float norm_eps;
+};
+}
+
+namespace {
+
+using namespace llk;
+using S = Simd;
+
+void linear(const LlkLinear& w, const float* x, float* y, int64_t m) {
+    if (w.format == 0) llk_linear_f32(x, static_cast<const float*>(w.w), y, m, w.k, w.n);
+    else if (w.format == 1)
+        llk_linear_q8(x, static_cast<const int8_t*>(w.w), static_cast<const float*>(w.scale), w.groups, y, m, w.k, w.n);
+    else
+        llk_linear_q4(x, static_cast<const uint8_t*>(w.w), static_cast<const uint16_t*>(w.scale),
+                      static_cast<const uint16_t*>(w.min), w.groups, y, m, w.k, w.n);
+}
+
+// Columns [c, c + width) of a projection's output for row i: where the parts' products put them.
+struct Outputs {
+    const float* base[3];
+    int64_t stride[3], offset[3];
+    const float* at(int part, int64_t i) const { return base[part] + i * stride[part] + offset[part]; }
+};
+
+// x (m, k) through the parts (1: fused, else one per output) into buf -> where each output lands.
+Outputs project(const LlkLinear* parts, int64_t n_parts, const int64_t* widths, int n_outputs, const float* x,
+                int64_t m, std::vector<float>& buf) {
+    int64_t total = 0;
+    for (int p = 0; p < n_outputs; ++p) total += widths[p];
+    buf.resize(m * total);
+    Outputs out{};
+    if (n_parts == 1) {
+        linear(parts[0], x, buf.data(), m);
+        for (int p = 0, c = 0; p < n_outputs; c += widths[p++]) out.base[p] = buf.data(), out.stride[p] = total, out.offset[p] = c;
+    } else {
+        float* y = buf.data();
+        for (int p = 0; p < n_outputs; y += m * widths[p++]) {
+            linear(parts[p], x, y, m);
+            out.base[p] = y, out.stride[p] = widths[p], out.offset[p] = 0;
+        }
+    }
+    return out;
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+    S::V acc = S::zero();
+    int64_t i = 0;
+    for (; i + S::W <= n; i += S::W) acc = S::fma(S::load(a + i), S::load(b + i), acc);
+    float s = S::sum(acc);
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+// e^x for each x[i], to about 1 ulp: e^x = 2^n * e^r with r = x - n ln 2, |r| <= ln 2 / 2, e^r by
+// its Taylor series to r^7 (error below 6e-9). Plain loops that the compiler vectorizes.
+void exp_inplace(float* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float v = std::min(std::max(x[i], -87.0f), 88.0f);
+        const float k = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+        float r = v - k * 0.693145751953125f;  // ln 2 in two parts: k * hi is exact
+        r = r - k * 1.428606765330187e-06f;
+        float p = 1.0f / 5040.0f;
+        p = p * r + 1.0f / 720.0f;
+        p = p * r + 1.0f / 120.0f;
+        p = p * r + 1.0f / 24.0f;
+        p = p * r + 1.0f / 6.0f;
+        p = p * r + 0.5f;
+        p = p * r + 1.0f;
+        p = p * r + 1.0f;
+        const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(k) + 127) << 23;
+        float scale;
+        std::memcpy(&scale, &bits, sizeof scale);
+        x[i] = p * scale;
+    }
+}
+
+// Meta's RMSNorm: x * rsqrt(mean(x^2) + eps) * weight.
+void rms_norm(const float* x, const float* weight, float* out, int64_t n, float eps) {
+    const float r = 1.0f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
+    for (int64_t i = 0; i < n; ++i) out[i] = (x[i] * r) * weight[i];
+}
+
+// Meta's RoPE on one head: pairs (x[2j], x[2j + 1]) times cos_sin[j] = (cos, sin), as complex numbers.
+void rotate(float* x, const float* cos_sin, int64_t head_dim) {
+    for (int64_t j = 0; j < head_dim / 2; ++j) {
+        const float a = x[2 * j], b = x[2 * j + 1], c = cos_sin[2 * j], s = cos_sin[2 * j + 1];
+        x[2 * j] = a * c - b * s;
+        x[2 * j + 1] = a * s + b * c;
+    }
+}
+
+// out += p[t] * values[t] for t < len, the head_dim / W vectors of out held in registers
+// (V: head_dim / W where the head size is one of the common ones, else 0: any size).
+template <int V>
+void weighted_sum(const float* p, const float* values, int64_t len, int64_t head_dim, float* out) {
+    if constexpr (V > 0) {
+        S::V acc[V];
+        for (int c = 0; c < V; ++c) acc[c] = S::zero();
+        for (int64_t t = 0; t < len; ++t) {
+            const S::V pt = S::set1(p[t]);
+            for (int c = 0; c < V; ++c) acc[c] = S::fma(pt, S::load(values + t * head_dim + c * S::W), acc[c]);
+        }
+        for (int c = 0; c < V; ++c) S::store(out + c * S::W, acc[c]);
+    } else {
+        std::fill(out, out + head_dim, 0.0f);
+        for (int64_t t = 0; t < len; ++t)
+            for (int64_t c = 0; c < head_dim; ++c) out[c] += p[t] * values[t * head_dim + c];
+    }
+}
+
+// One query head over positions 0..len-1 of its key/value head: softmax(q k^T / sqrt(d)) v.
+void attend(const float* q, const float* keys, const float* values, int64_t len, int64_t head_dim, float* out,
+            std::vector<float>& scores) {
+    scores.resize(len);
+    float* s = scores.data();
+    const float root = std::sqrt(static_cast<float>(head_dim));
+    for (int64_t t = 0; t < len; ++t) s[t] = dot(q, keys + t * head_dim, head_dim);
+    float top = -INFINITY;
+    for (int64_t t = 0; t < len; ++t) top = std::max(top, s[t] /= root);
+    for (int64_t t = 0; t < len; ++t) s[t] -= top;
+    exp_inplace(s, len);
+    float total = 0.0f;
+    for (int64_t t = 0; t < len; ++t) total += s[t];
+    for (int64_t t = 0; t < len; ++t) s[t] /= total;
+    if (head_dim == 4 * S::W) weighted_sum<4>(s, values, len, head_dim, out);
+    else if (head_dim == 8 * S::W) weighted_sum<8>(s, values, len, head_dim, out);
+    else weighted_sum<0>(s, values, len, head_dim, out);
+}
+
+// The attention of every (row, query head) of a step, split between the pool's threads.
+struct Attention {
+    const LlkLayer* layer;
+    const LlkDims* dims;
+    const int64_t* positions;
+    int64_t cache_row;
+    const float* queries;  // (m, n_heads, head_dim), rotated
+    float* out;            // (m, n_heads, head_dim)
+
+    static void run(const void* ctx, int64_t job) {
+        const Attention& a = *static_cast<const Attention*>(ctx);
+        const LlkDims& D = *a.dims;
+        const int64_t i = job / D.n_heads, head = job % D.n_heads, hd = D.head_dim;
+        const int64_t at = ((a.cache_row + i) * D.n_kv_heads + head / (D.n_heads / D.n_kv_heads)) * D.max_seq_len * hd;
+        const int64_t offset = (i * D.n_heads + head) * hd;
+        thread_local std::vector<float> scores;
+        attend(a.queries + offset, a.layer->cache_k + at, a.layer->cache_v + at, a.positions[i] + 1, hd, a.out + offset, scores);
+    }
+};
+
+struct Scratch {
+    std::vector<float> norm, qkv, queries, heads, proj, h13, act;
+};
+
+void layer_step(const LlkLayer& L, const LlkDims& D, float* h, int64_t m, const int64_t* positions, int64_t cache_row,
+                const float* rope, Scratch& s) {
+    const int64_t dim = D.dim, hd = D.head_dim;
+    s.norm.resize(m * dim);
+    for (int64_t i = 0; i < m; ++i) rms_norm(h + i * dim, L.attention_norm, s.norm.data() + i * dim, dim, D.norm_eps);
+    const int64_t qkv_widths[3] = {D.n_heads * hd, D.n_kv_heads * hd, D.n_kv_heads * hd};
+    const Outputs qkv = project(L.qkv, L.qkv_parts, qkv_widths, 3, s.norm.data(), m, s.qkv);
+
+    // Rotate each row's queries and keys; its key and value join the cache at its position.
+    s.queries.resize(m * D.n_heads * hd);
+    s.heads.resize(m * D.n_heads * hd);
+    for (int64_t i = 0; i < m; ++i) {
+        const int64_t pos = positions[i];
+        const float* cos_sin = rope + pos * hd;  // (head_dim / 2, 2) per position
+        float* q = s.queries.data() + i * D.n_heads * hd;
+        std::memcpy(q, qkv.at(0, i), D.n_heads * hd * sizeof(float));
+        for (int64_t head = 0; head < D.n_heads; ++head) rotate(q + head * hd, cos_sin, hd);
+        for (int64_t g = 0; g < D.n_kv_heads; ++g) {
+            const int64_t at = (((cache_row + i) * D.n_kv_heads + g) * D.max_seq_len + pos) * hd;
+            std::memcpy(L.cache_k + at, qkv.at(1, i) + g * hd, hd * sizeof(float));
+            rotate(L.cache_k + at, cos_sin, hd);
+            std::memcpy(L.cache_v + at, qkv.at(2, i) + g * hd, hd * sizeof(float));
+        }
+    }
+    const Attention attention{&L, &D, positions, cache_row, s.queries.data(), s.heads.data()};
+    llk_parallel_for(&Attention::run, &attention, m * D.n_heads);
+
+    s.proj.resize(m * dim);
+    linear(L.wo, s.heads.data(), s.proj.data(), m);
+    for (int64_t c = 0; c < m * dim; ++c) h[c] += s.proj[c];
+
+    for (int64_t i = 0; i < m; ++i) rms_norm(h + i * dim, L.ffn_norm, s.norm.data() + i * dim, dim, D.norm_eps);
+    const int64_t w13_widths[2] = {D.hidden, D.hidden};
+    const Outputs h13 = project(L.w13, L.w13_parts, w13_widths, 2, s.norm.data(), m, s.h13);
+    s.act.resize(m * D.hidden);
+    for (int64_t i = 0; i < m; ++i) {
+        float* a = s.act.data() + i * D.hidden;
+        const float *h1 = h13.at(0, i), *h3 = h13.at(1, i);
+        for (int64_t c = 0; c < D.hidden; ++c) a[c] = -h1[c];
+        exp_inplace(a, D.hidden);
+        for (int64_t c = 0; c < D.hidden; ++c) a[c] = h1[c] / (1.0f + a[c]) * h3[c];  // silu(h1) * h3
+    }
+    linear(L.w2, s.act.data(), s.proj.data(), m);
+    for (int64_t c = 0; c < m * dim; ++c) h[c] += s.proj[c];
+}
+
+}  // namespace
+
+extern "C" {
+
+// h (m, dim): the rows' embeddings in, their last layer's output out. Row i is at position
+// positions[i] of cache row cache_row + i; rope (positions, head_dim / 2, 2) holds cos and sin.
+// Returns 0, or -1 if a position or cache row is outside the caches (nothing is written then).
+int llk_decode_layers(const LlkLayer* layers, int64_t n_layers, const LlkDims* dims, float* h, int64_t m,
+                      const int64_t* positions, int64_t cache_row, const float* rope) {
+    const LlkDims& D = *dims;
+    if (cache_row < 0 || cache_row + m > D.max_batch_size) return -1;
+    for (int64_t i = 0; i < m; ++i)
+        if (positions[i] < 0 || positions[i] >= D.max_seq_len) return -1;
+    thread_local Scratch scratch;
+    for (int64_t l = 0; l < n_layers; ++l) layer_step(layers[l], D, h, m, positions, cache_row, rope, scratch);
+    return 0;
+}
+
+}  // extern "C"

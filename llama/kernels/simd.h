@@ -1,0 +1,96 @@
+// Vector types shared by the products (cpu.cpp) and the decode step (decode.cpp): W floats a
+// vector, chosen at build time (-march=native): AVX-512, AVX2+FMA, or one float (portable C++).
+
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace llk {
+
+// --- fp16 scales: F16C where present, else the bit-exact conversion by hand ---
+
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp == 0) {
+        const float f = static_cast<float>(man) * 5.9604644775390625e-8f;  // man * 2^-24, exact
+        return sign ? -f : f;
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
+// Asks for the cache lines of [p, p + bytes) ahead of their use.
+inline void prefetch(const void* p, int64_t bytes) {
+#if defined(__x86_64__) || defined(__i386__)
+    const char* c = static_cast<const char*>(p);
+    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+#else
+    (void)p, (void)bytes;
+#endif
+}
+
+// --- vectors of W floats: the kernels below are written once against this interface ---
+
+struct Scalar {
+    static constexpr int W = 1;
+    using V = float;
+    static V zero() { return 0.0f; }
+    static V load(const float* p) { return *p; }
+    static void store(float* p, V v) { *p = v; }
+    static V set1(float v) { return v; }
+    static V mul(V a, V b) { return a * b; }
+    static V fma(V a, V b, V c) { return a * b + c; }
+    static float sum(V v) { return v; }
+};
+
+#if defined(__AVX512F__)
+#define LLK_ISA "avx512"
+struct Simd {
+    static constexpr int W = 16;
+    using V = __m512;
+    static V zero() { return _mm512_setzero_ps(); }
+    static V load(const float* p) { return _mm512_loadu_ps(p); }
+    static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+    static V set1(float v) { return _mm512_set1_ps(v); }
+    static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+    static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static float sum(V v) { return _mm512_reduce_add_ps(v); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LLK_ISA "avx2"
+struct Simd {
+    static constexpr int W = 8;
+    using V = __m256;
+    static V zero() { return _mm256_setzero_ps(); }
+    static V load(const float* p) { return _mm256_loadu_ps(p); }
+    static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+    static V set1(float v) { return _mm256_set1_ps(v); }
+    static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+    static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    static float sum(V v) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    }
+};
+#else
+#define LLK_ISA "portable"
+using Simd = Scalar;
+#endif
+
+}  // namespace llk
