@@ -256,21 +256,33 @@ def test_cache_key_includes_the_cpu_flags(monkeypatch):
     assert build.library_path(compiler) != here
 
 
-def test_portable_build_matches_torch(native):
-    """The plain C++ path, for CPUs without AVX2: built without -march=native and called directly."""
-    flags = tuple(f for f in build.FLAGS if f != "-march=native")
+@pytest.mark.parametrize("march,isa", [(None, "portable"), ("haswell", "avx2"), ("icelake-server", "avx512")])
+def test_each_instruction_set_build_matches_torch(native, march, isa):
+    """The plain C++ path (CPUs without AVX2), AVX2 and AVX-512 with VNNI, each built and called
+    directly where this CPU can run it, on shapes with partial blocks and groups."""
+    needed = {"avx2": ["avx2", "fma", "f16c"], "avx512": ["avx512f", "avx512bw", "avx512vl", "avx512_vnni"]}.get(isa, [])
+    if any(flag not in build.cpu_flags().split() for flag in needed):
+        pytest.skip(f"this CPU cannot run {isa} code")
+    flags = tuple(f for f in build.FLAGS if f != "-march=native") + ((f"-march={march}",) if march else ())
     lib = build.load(build.build(build.find_compiler(), flags))
-    assert lib.llk_isa() == b"portable"
-    x, w = torch.randn(3, 70), torch.randn(9, 70)
-    y = torch.empty(3, 9)
-    lib.llk_linear_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), 3, 70, 9)
-    _close(y, torch.nn.functional.linear(x, w))
-    q, scale = kernels.quantize_q8(w)
-    lib.llk_linear_q8(x.data_ptr(), q.data_ptr(), scale.data_ptr(), 1, y.data_ptr(), 3, 70, 9)
-    _close(y, kernels.reference_linear_q8(x, q, scale))
-    x, p = torch.randn(3, 128), kernels.quantize_q4(torch.randn(9, 128), group=64)
-    lib.llk_linear_q4(x.data_ptr(), p.qs.data_ptr(), p.d.data_ptr(), p.m.data_ptr(), 2, y.data_ptr(), 3, 128, 9)
-    _close(y, kernels.reference_linear_q4(x, p))
+    assert lib.llk_isa() == isa.encode()
+    lib.llk_set_threads(2)
+    for m, n, k in [(3, 9, 70), (1, 300, 576), (5, 65, 544), (2, 17, 1536)]:
+        x, w = torch.randn(m, k), torch.randn(n, k)
+        y = torch.empty(m, n)
+        lib.llk_linear_f32(x.data_ptr(), w.data_ptr(), y.data_ptr(), m, k, n)
+        _close(y, torch.nn.functional.linear(x, w))
+        q, scale = kernels.quantize_q8(w)
+        lib.llk_linear_q8(x.data_ptr(), q.data_ptr(), scale.data_ptr(), 1, y.data_ptr(), m, k, n)
+        _close(y, kernels.reference_linear_q8(x, q, scale))
+        if k % 64 == 0:
+            block_scale = torch.rand(n, k // 32) + 0.5
+            lib.llk_linear_q8(x.data_ptr(), q.data_ptr(), block_scale.data_ptr(), k // 32, y.data_ptr(), m, k, n)
+            _close(y, kernels.reference_linear_q8(x, q, block_scale))
+            for group in (32, 64):
+                p = kernels.quantize_q4(w, group=group)
+                lib.llk_linear_q4(x.data_ptr(), p.qs.data_ptr(), p.d.data_ptr(), p.m.data_ptr(), k // group, y.data_ptr(), m, k, n)
+                _close(y, kernels.reference_linear_q4(x, p))
 
 
 @pytest.mark.parametrize("march", ["skylake-avx512", "icelake-server", "alderlake"])

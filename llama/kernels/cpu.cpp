@@ -68,6 +68,7 @@ void f32_tile(const Product& p, int64_t row, int64_t i0) {
 
 struct F32Kernel {
     static int rows_per_tile(int64_t m) { return m >= 4 ? 3 : 4; }  // at most 12 accumulators
+    static int64_t row_bytes(int64_t k) { return 4 * k; }
     Product p;
     template <int R, int M> void tile(int64_t row, int64_t i0) const { f32_tile<Simd, R, M>(p, row, i0); }
 };
@@ -158,7 +159,7 @@ inline __m128i load16(const void* p) { return _mm_loadu_si128(static_cast<const 
 
 // 16 unsigned bytes times 16 signed bytes -> 4 int32 sums of 4 neighbours (VNNI), else 8 int16
 // sums of 2. maddubs's int16 sums cannot saturate here: |q| <= 128, |qx| <= 127 give at most 32512.
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 // Two blocks per 512-bit dot product (CPUs with full-width AVX-512 units, e.g. Zen 5, Xeon):
 // one 64-byte weight load and one activation load give 16 int32 sums, 8 per block.
 #define LLK_VNNI512 1
@@ -216,6 +217,8 @@ struct Q4 {
     }
     float scale(int64_t row, int64_t b) const { return half_to_float(d[row * groups + b / per_group]); }
     float row_scale(int64_t) const { return 1.0f; }
+    static int64_t row_bytes(int64_t k) { return k / 2 + k / BLOCK * 4; }  // with d and m per block
+    bool scales8_in_array(int64_t row, int64_t b0, int64_t n) const { return per_group == 1 && row * groups + b0 + 8 <= n * groups; }
     void prefetch_rows(int64_t row, int64_t rows) const {
         prefetch(qs + row * (k / 2), rows * (k / 2));
         prefetch(d + row * groups, rows * groups * 2);
@@ -271,14 +274,19 @@ struct Q4 {
     // Blocks b and b + 1 as 64 unsigned bytes in column order: the 32 packed bytes, each 16-byte
     // half repeated, the second copy's nibbles shifted down.
     __m512i block2(int64_t row, int64_t b) const {
-        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes(row, b)));
+        return expand2(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes(row, b))));
+    }
+    static __m512i expand2(__m256i packed) {
         const __m512i both = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3), _mm512_castsi256_si512(packed));
         const __m512i shift = _mm512_setr_epi64(0, 0, 0x0004000400040004, 0x0004000400040004, 0, 0, 0x0004000400040004, 0x0004000400040004);
         return _mm512_and_si512(_mm512_srlv_epi16(both, shift), _mm512_set1_epi8(15));
     }
-    static __m512i dot2(__m512i w, const int8_t* x) {
-        return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x));
+    // Blocks b (and b + 1, if in the row): the same, zeros for a missing second block.
+    __m512i last_blocks(int64_t row, int64_t b, int64_t) const {
+        const __mmask32 mask = (b + 2) * BLOCK <= k ? ~__mmask32{0} : __mmask32{0xffff};
+        return expand2(_mm256_maskz_loadu_epi8(mask, bytes(row, b)));
     }
+    static __m512i dot2(__m512i w, __m512i x) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x); }
 #endif
 };
 
@@ -292,6 +300,10 @@ struct Q8 {
     int value(int64_t row, int64_t c) const { return q[row * k + c]; }
     float scale(int64_t row, int64_t b) const { return per_group ? s[row * groups + b / per_group] : 1.0f; }
     float row_scale(int64_t row) const { return per_group ? 1.0f : s[row]; }
+    static int64_t row_bytes(int64_t k) { return k; }
+    bool scales8_in_array(int64_t row, int64_t b0, int64_t n) const {
+        return per_group == 0 || (per_group == 1 && row * groups + b0 + 8 <= n * groups);
+    }
     void prefetch_rows(int64_t row, int64_t rows) const {
         prefetch(q + row * k, rows * k);
         prefetch(s + row * groups, rows * groups * 4);
@@ -328,8 +340,12 @@ struct Q8 {
 #if defined(LLK_VNNI512)
     // Blocks b and b + 1 (whole, inside the row): 64 signed bytes; dot2 applies the sign trick.
     __m512i block2(int64_t row, int64_t b) const { return _mm512_loadu_si512(q + row * k + b * BLOCK); }
-    static __m512i dot2(__m512i w, const int8_t* x) {
-        const __m512i xv = _mm512_loadu_si512(x);
+    // The row's last blocks from b: its columns up to k (at most 64), zeros after.
+    __m512i last_blocks(int64_t row, int64_t b, int64_t columns) const {
+        const int64_t n = std::min<int64_t>(64, columns - b * BLOCK);
+        return _mm512_maskz_loadu_epi8(n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1, q + row * k + b * BLOCK);
+    }
+    static __m512i dot2(__m512i w, __m512i xv) {
         const __m512i signed_x = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(w), _mm512_setzero_si512(), xv);
         return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), signed_x);
     }
@@ -364,6 +380,27 @@ inline void qpair(const Fmt& f, const QuantizedX& x, int64_t row, int64_t i0, in
 }
 #endif
 
+#if defined(LLK_VNNI512)
+// acc[r][i] += blocks b0 + j and b0 + j + 1 of weight row row + r times activation row i0 + i, in
+// one 512-bit dot product; J >= 0 fixes j at compile time. Not Whole: the row's last `left` blocks
+// (1 or 2, the last possibly short of `columns`), loaded masked.
+template <class Fmt, int R, int M, int J, bool Whole>
+inline void vnni512_pair(const Fmt& f, const QuantizedX& x, int64_t row, int64_t i0, int64_t b0,
+                         const float (&scales)[R][M][8], __m512 (&acc)[R][M], int j = J, int left = 2, int64_t columns = 0) {
+    const __m512i lanes = _mm512_setr_epi32(j, j, j, j, j, j, j, j, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1);
+    const __mmask64 x_mask = left >= 2 ? ~__mmask64{0} : (__mmask64{1} << BLOCK) - 1;
+    for (int r = 0; r < R; ++r) {
+        const __m512i w = Whole ? f.block2(row + r, b0 + j) : f.last_blocks(row + r, b0 + j, columns);
+        for (int i = 0; i < M; ++i) {
+            const int8_t* qx = x.row_q(i0 + i) + (b0 + j) * BLOCK;
+            const __m512i sums = Fmt::dot2(w, Whole ? _mm512_loadu_si512(qx) : _mm512_maskz_loadu_epi8(x_mask, qx));
+            const __m512 scale = _mm512_permutexvar_ps(lanes, _mm512_zextps256_ps512(_mm256_load_ps(scales[r][i])));
+            acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r][i]);
+        }
+    }
+}
+#endif
+
 // R weight rows from `row` times M activation rows from `i0`. Per block each product's 8 int32
 // partial sums become floats and meet the scale d * dx in a fused multiply-add: the accumulators
 // stay vectors, summed across lanes once at the end.
@@ -386,27 +423,29 @@ void qtile(const Fmt& f, const QProduct& p, int64_t row, int64_t i0) {
         alignas(32) float scales[R][M][8];  // d * dx of blocks b0..b0 + 7
         for (int r = 0; r < R; ++r) {
             alignas(32) float d[8] = {};
-            if (nb == 8) f.scales8(row + r, b0, d);
+            // Past the row's last block scales8 reads the next row's scales, which meet dx = 0: whole
+            // vectors, where single floats stored and loaded back as one stall the load (store
+            // forwarding) and cost a third of a k = 576 product's time on Zen 5.
+            if (nb == 8 || f.scales8_in_array(row + r, b0, p.n)) f.scales8(row + r, b0, d);
             else
                 for (int j = 0; j < nb; ++j) d[j] = f.scale(row + r, b0 + j);
             for (int i = 0; i < M; ++i)
                 _mm256_store_ps(scales[r][i], _mm256_mul_ps(_mm256_load_ps(d), _mm256_loadu_ps(x.row_d(i0 + i) + b0)));
         }
 #if defined(LLK_VNNI512)
+        // Whole pairs of blocks, then the row's last one or two (the second possibly short) by
+        // masked loads: zeros past the row's columns, and past the activations' blocks.
         if (nb == 8 && (b0 + 8) * BLOCK <= p.k) {
-            for (int j = 0; j < 8; j += 2) {
-                const __m512i lanes = _mm512_setr_epi32(j, j, j, j, j, j, j, j, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1);
-                for (int r = 0; r < R; ++r) {
-                    const __m512i w = f.block2(row + r, b0 + j);
-                    for (int i = 0; i < M; ++i) {
-                        const __m512i sums = Fmt::dot2(w, x.row_q(i0 + i) + (b0 + j) * BLOCK);
-                        const __m512 scale = _mm512_permutexvar_ps(lanes, _mm512_castps256_ps512(_mm256_load_ps(scales[r][i])));
-                        acc512[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc512[r][i]);
-                    }
-                }
-            }
-            continue;
+            vnni512_pair<Fmt, R, M, 0, true>(f, x, row, i0, b0, scales, acc512);
+            vnni512_pair<Fmt, R, M, 2, true>(f, x, row, i0, b0, scales, acc512);
+            vnni512_pair<Fmt, R, M, 4, true>(f, x, row, i0, b0, scales, acc512);
+            vnni512_pair<Fmt, R, M, 6, true>(f, x, row, i0, b0, scales, acc512);
+        } else {
+            int j = 0;
+            for (; j + 2 <= nb && (b0 + j + 2) * BLOCK <= p.k; j += 2) vnni512_pair<Fmt, R, M, -1, true>(f, x, row, i0, b0, scales, acc512, j);
+            if (j < nb) vnni512_pair<Fmt, R, M, -1, false>(f, x, row, i0, b0, scales, acc512, j, nb - j, p.k);
         }
+        continue;
 #endif
         if (nb == 8) {
             qpair<Fmt, R, M, 0>(f, x, row, i0, b0 + 0, true, scales, acc);
@@ -452,6 +491,7 @@ struct QKernel {
     // Weight rows per tile for m activation rows: a pair of blocks holds 4 vectors of weights, so
     // at most 8 accumulators.
     static int rows_per_tile(int64_t m) { return m <= 2 ? 4 : 2; }
+    static int64_t row_bytes(int64_t k) { return Fmt::row_bytes(k); }
     Fmt f;
     QProduct p;
     template <int R, int M> void tile(int64_t row, int64_t i0) const { qtile<Fmt, R, M>(f, p, row, i0); }
@@ -620,8 +660,11 @@ Pool& pool() {
 // threads call by call in turn: fp32 576x576 ties (0.033 vs 0.034 ms at m=1), 2 threads win by
 // 5-20% from 576x1536 up, with or without a busy process beside.
 constexpr int64_t kMinParallelWeights = 1 << 18;
-// Chunks of about this many weights: small enough that a descheduled worker holds up little.
-constexpr int64_t kChunkWeights = 16 << 10;
+// Chunks of about this many bytes of weight: small enough that a descheduled worker holds up
+// little, large enough that the hardware prefetcher streams most of each. Chunks of 10 KB (int4
+// rows of 576 columns, 36 a chunk) ran a decode step's products 1.4x slower than 128 KB on a
+// 2-core EPYC (Zen 5), where two threads did no better than one.
+constexpr int64_t kChunkBytes = 128 << 10;
 
 template <class K>
 struct Job {
@@ -643,7 +686,7 @@ void product(const K& kernel, int64_t m, int64_t k, int64_t n) {
         return;
     }
     // Multiples of 12 rows (tiles of 3 or 4); at least 4 chunks per thread where n allows.
-    int64_t chunk_rows = std::max<int64_t>(1, kChunkWeights / k);
+    int64_t chunk_rows = std::max<int64_t>(1, kChunkBytes / K::row_bytes(k));
     chunk_rows = std::min<int64_t>(chunk_rows, n / (4 * threads));
     chunk_rows = std::max<int64_t>(12, (chunk_rows + 11) / 12 * 12);
     const Job<K> job{kernel, m, n, chunk_rows};
