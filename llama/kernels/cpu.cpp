@@ -27,6 +27,10 @@ namespace {
 
 using namespace llk;
 
+// A tile asks for the weight rows this many tiles ahead: the hardware prefetcher alone left
+// products of short rows (k = 576) at a third of the memory's bandwidth on a 2-core EPYC (Zen 5).
+constexpr int kPrefetchTiles = 2;
+
 // --- fp32 weights: fp32 multiply-adds, W columns a vector ---
 
 struct Product {
@@ -59,6 +63,16 @@ void f32_tile(const Product& p, int64_t row, int64_t i0) {
     const float* x = p.x + i0 * p.k;
     const float* w = p.w + row * p.k;
     int64_t c = 0;
+    if (M >= 3 && i0 == 0 && row + (kPrefetchTiles + 1) * R <= p.n) {
+        // The rows kPrefetchTiles tiles ahead, two cache lines of each per 32 columns: memory keeps
+        // streaming while the multiply-adds of 3-4 activation rows fill the core's window (a
+        // decode step's products at batch 4 on Zen 5: 1.15-1.3x faster; at batch 1 no gain).
+        const float* ahead = w + kPrefetchTiles * R * p.k;
+        for (; c + 32 <= p.k; c += 32) {
+            for (int r = 0; r < R; ++r) prefetch(ahead + r * p.k + c, 128);
+            step<S, R, M, 0, 32>(w, x, p.k, c, acc);
+        }
+    }
     for (; c + 32 <= p.k; c += 32) step<S, R, M, 0, 32>(w, x, p.k, c, acc);
     for (; c + S::W <= p.k; c += S::W) step<S, R, M, 0, S::W>(w, x, p.k, c, acc);
     for (; c < p.k; ++c) step<Scalar, R, M, 0, 1>(w, x, p.k, c, tail);
@@ -81,9 +95,6 @@ struct F32Kernel {
 // a few instructions per 32 weights. ---
 
 constexpr int BLOCK = 32;
-// A tile asks for the weight rows this many tiles ahead: the hardware prefetcher alone left
-// products of short rows (k = 576) at a third of the memory's bandwidth on a 2-core EPYC (Zen 5).
-constexpr int kPrefetchTiles = 2;
 
 struct QuantizedX {
     std::vector<int8_t> q;  // (m, blocks * 32), zero past k
