@@ -276,8 +276,11 @@ def bench_variant(ckpt_dir: Path, tokenizer: Path, dtype: str, plan: dict, exact
     return r
 
 
-# Which of llama.cpp's GGUFs each compact format is shown against.
-RIVAL_GGUF = {"bf16": "f16", "int4": "q4"}
+# Which of llama.cpp's GGUFs each compact format is shown against ("int4-gguf": int4 weights
+# taken from a Q4 GGUF's own blocks, --gguf-q4), its bytes per weight, and its name in the table.
+RIVAL_GGUF = {"bf16": "f16", "int4": "q4", "int4-gguf": "q4"}
+FORMAT_BYTES = {"bf16": 2, "int8": 1, "int4": 5 / 8, "int4-gguf": 5 / 8}
+FORMAT_NAMES = {"int4-gguf": "int4 weights (the GGUF's own Q4 blocks)"}
 
 # Rounds of batch-1 decoding taken in turns with llama.cpp: the machine's speed drifts (by up to
 # a quarter on a shared host), and turns expose both to the same drift.
@@ -442,6 +445,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                    help="also time llama.cpp (llama-cpp-python) on this GGUF of the same weights, in the compute dtype")
     p.add_argument("--llama-cpp-f16", dest="llama_cpp_f16", metavar="GGUF", help="... and on this F16 GGUF, beside the bf16 weights row")
     p.add_argument("--llama-cpp-q4", dest="llama_cpp_q4", metavar="GGUF", help="... and on this Q4_0/Q4_1 GGUF, beside the int4 weights row")
+    p.add_argument("--gguf-q4", dest="gguf_q4", metavar="GGUF",
+                   help="also time the int4 rows on this Q4_0/Q4_1 GGUF of the same weights, its blocks kept as they are "
+                        "(beside llama.cpp on the --llama-cpp-q4 file)")
     a = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -491,6 +497,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         bandwidth = matvec_bandwidth(DTYPES[a.dtype], streamed_bytes, a.quick)
         # int4 (llama.kernels) is held to fp32's streaming rate over its 5 bits a weight.
         format_bandwidth = {"bf16": matvec_bandwidth(torch.bfloat16, 2 * n_streamed, a.quick), "int8": int8_matvec_bandwidth(n_streamed, a.quick), "int4": bandwidth}
+        format_bandwidth["int4-gguf"] = bandwidth
         flops = matmul_flops(a.quick, DTYPES[a.dtype])
         # Compact formats multiply a prefill in bf16 only where that is fast (see llama.layers.linear).
         format_flops = matmul_flops(a.quick, torch.bfloat16) if fast_bf16_products("cpu") else flops  # (formats run in fp32 only)
@@ -528,6 +535,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                     log(f"our Llama.generate with {weight_format} weights and a compiled decode step")
                     formats[weight_format]["compiled"] = bench_variant(ckpt_dir, tokenizer, a.dtype, plan, exact, weight_format, compile=True, rival=cpp)
                 del cpp
+            if a.gguf_q4:
+                log(f"our Llama.generate on {a.gguf_q4}, its blocks as int4 weights")
+                cpp = rival("q4")
+                formats["int4-gguf"] = bench_variant(Path(a.gguf_q4), tokenizer, a.dtype, plan, exact, "int4", rival=cpp)
+                del cpp
         demo = None
         if a.demo:
             log("README's main command: the demo model's six dialogs")
@@ -550,7 +562,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "decode_ceiling_tok_s": decode_ceiling, "prefill_ceiling_tok_s": prefill_ceiling,
         "ours": ours, "contended": contended, "demo": demo, "hf": theirs, "compiled": compiled, "llama_cpp": llama_cpp,
         "weight_formats": {
-            f: {**r, "decode_ceiling_tok_s": (format_bandwidth[f] / (n_streamed * {"bf16": 2, "int8": 1, "int4": 5 / 8}[f])) if format_bandwidth[f] else None,
+            f: {**r, "decode_ceiling_tok_s": (format_bandwidth[f] / (n_streamed * FORMAT_BYTES[f])) if format_bandwidth[f] else None,
                 "prefill_ceiling_tok_s": format_flops / (2 * n_streamed)}
             for f, r in formats.items()
         },
@@ -623,13 +635,13 @@ def render_table(r: dict) -> str:
             none, none, none)
     for weight_format, f in r.get("weight_formats", {}).items():
         f16_cpp = llama_cpp.get(RIVAL_GGUF.get(weight_format, ""), {})
-        n = max(plan["prefill"])
-        tok_s(f"prefill {n} tokens, {weight_format} weights", f[f"prefill_{n}"], f["prefill_ceiling_tok_s"], cpp=f16_cpp.get(f"prefill_{n}"))
-        label = f"decode batch 1, {weight_format} weights (greedy answers = exact for their first {f['greedy_agreement']:.0%})"
+        n, name = max(plan["prefill"]), FORMAT_NAMES.get(weight_format, f"{weight_format} weights")
+        tok_s(f"prefill {n} tokens, {name}", f[f"prefill_{n}"], f["prefill_ceiling_tok_s"], cpp=f16_cpp.get(f"prefill_{n}"))
+        label = f"decode batch 1, {name} (greedy answers = exact for their first {f['greedy_agreement']:.0%})"
         tok_s(label, f["decode_b1"], f["decode_ceiling_tok_s"], cpp=f16_cpp.get("decode_b1"))
         b4_ceiling = 4 * f["decode_ceiling_tok_s"] if f["decode_ceiling_tok_s"] else None
-        tok_s(f"decode batch 4, {weight_format} weights", f["decode_b4"], b4_ceiling)
-        compiled_row(f"{weight_format} weights, ", f.get("compiled"), f["decode_ceiling_tok_s"], f16_cpp.get("decode_b1"))
+        tok_s(f"decode batch 4, {name}", f["decode_b4"], b4_ceiling)
+        compiled_row(f"{name}, ", f.get("compiled"), f["decode_ceiling_tok_s"], f16_cpp.get("decode_b1"))
     return "\n".join(lines)
 
 

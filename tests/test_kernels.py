@@ -1,5 +1,6 @@
 """llama.kernels: CPU products of a few rows with fp32, int8 and 4-bit weights, against torch."""
 
+import ctypes
 import logging
 import subprocess
 
@@ -9,7 +10,7 @@ import torch
 from gguf.quants import GGMLQuantizationType, dequantize
 
 from llama import kernels
-from llama.kernels import build
+from llama.kernels import build, decode
 from llama.layers.linear import pack_weight
 
 ROWS = (1, 2, 3, 4, 7, 16)
@@ -162,6 +163,34 @@ def test_quantized_products_stay_close_to_the_fp32_product(native, product):
 def test_products_keep_leading_dimensions(native):
     x, w = torch.randn(2, 3, 64), torch.randn(10, 64)
     assert kernels.linear_f32(x, w).shape == (2, 3, 10)
+
+
+@pytest.mark.parametrize("weight_format", ["f32", "q8", "q4"])
+@pytest.mark.parametrize("m", [1, 4])
+def test_products_of_several_weights_are_each_weights_product_side_by_side(native, weight_format, m):
+    """llk_linear_parts (a layer's q, k, v kept apart, in one pool run) gives each weight's own
+    product bit for bit, the outputs of a row side by side."""
+    lib = kernels._library()
+    x = torch.randn(m, 576)
+    weights = [torch.randn(n, 576) for n in (960, 192, 192)]
+    parts, keep, alone = [], [], []
+    for w in weights:
+        if weight_format == "f32":
+            parts.append(decode.linear(w, None, None))
+            alone.append(kernels.linear_f32(x, w))
+        elif weight_format == "q8":
+            q, scale = kernels.quantize_q8(w)
+            keep += [q, scale]
+            parts.append(decode.linear(q, scale, None))
+            alone.append(kernels.linear_q8(x, q, scale))
+        else:
+            p = kernels.quantize_q4(w)
+            keep.append(p)
+            parts.append(decode.linear(p.qs, p.d, p.m))
+            alone.append(kernels.linear_q4(x, p))
+    y = torch.empty(m, sum(w.shape[0] for w in weights))
+    lib.llk_linear_parts(ctypes.byref((decode.Linear * 3)(*parts)), 3, x.data_ptr(), y.data_ptr(), m)
+    assert torch.equal(y, torch.cat(alone, dim=1))
 
 
 def test_results_do_not_depend_on_the_number_of_threads(native):

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # The products (cpu.cpp), the decode step that calls them (decode.cpp), and their shared vector types.
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu.cpp", "decode.cpp"))
-HEADERS = (Path(__file__).with_name("simd.h"),)
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "linear.h"))
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
 
 
@@ -103,6 +103,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.llk_linear_q8.argtypes = [ptr, ptr, ptr, i64, ptr, i64, i64, i64]
     lib.llk_linear_q4.restype = None
     lib.llk_linear_q4.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64]
+    lib.llk_linear_parts.restype = None
+    lib.llk_linear_parts.argtypes = [ptr, i64, ptr, ptr, i64]
     lib.llk_decode_layers.restype = ctypes.c_int
     lib.llk_decode_layers.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, ptr]
     return lib

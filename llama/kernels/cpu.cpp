@@ -9,6 +9,7 @@
 // portable C++ computing the same integers.
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -21,6 +22,7 @@
 
 #include <pthread.h>
 
+#include "linear.h"
 #include "simd.h"
 
 namespace {
@@ -36,8 +38,8 @@ constexpr int kPrefetchTiles = 2;
 struct Product {
     const float* x;  // (m, k)
     const float* w;  // (n, k)
-    float* y;        // (m, n)
-    int64_t m, k, n;
+    float* y;        // (m, n), rows ldy apart
+    int64_t m, k, n, ldy;
 };
 
 // acc[r][i] += weight row r's values at columns c + J.. times activation row i's, for J = 0, W,
@@ -77,7 +79,7 @@ void f32_tile(const Product& p, int64_t row, int64_t i0) {
     for (; c + S::W <= p.k; c += S::W) step<S, R, M, 0, S::W>(w, x, p.k, c, acc);
     for (; c < p.k; ++c) step<Scalar, R, M, 0, 1>(w, x, p.k, c, tail);
     for (int r = 0; r < R; ++r)
-        for (int i = 0; i < M; ++i) p.y[(i0 + i) * p.n + row + r] = S::sum(acc[r][i]) + tail[r][i];
+        for (int i = 0; i < M; ++i) p.y[(i0 + i) * p.ldy + row + r] = S::sum(acc[r][i]) + tail[r][i];
 }
 
 struct F32Kernel {
@@ -365,8 +367,8 @@ struct Q8 {
 
 struct QProduct {
     const QuantizedX* x;
-    float* y;  // (m, n)
-    int64_t m, k, n;
+    float* y;  // (m, n), rows ldy apart
+    int64_t m, k, n, ldy;
 };
 
 #if defined(LLK_INT_SIMD)
@@ -493,7 +495,7 @@ void qtile(const Fmt& f, const QProduct& p, int64_t row, int64_t i0) {
 #endif
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < M; ++i)
-            p.y[(i0 + i) * p.n + row + r] =
+            p.y[(i0 + i) * p.ldy + row + r] =
                 (out[r][i] + f.min_term(row + r, x.row_s(i0 + i), x.blocks)) * f.row_scale(row + r);
 }
 
@@ -677,38 +679,65 @@ constexpr int64_t kMinParallelWeights = 1 << 18;
 // 2-core EPYC (Zen 5), where two threads did no better than one.
 constexpr int64_t kChunkBytes = 128 << 10;
 
+// Products of one input with up to kMaxParts weights (a layer's q, k and v; w1 and w3), their
+// chunks handed out from one counter: one pool run, and no thread idles between the products.
+constexpr int kMaxParts = 3;
+
 template <class K>
 struct Job {
-    const K& kernel;
-    int64_t m, n, chunk_rows;
+    const K* kernels;
+    int parts;
+    int64_t m, n[kMaxParts], chunk_rows[kMaxParts], first_chunk[kMaxParts + 1];
     static void run_chunk(const void* ctx, int64_t c) {
         const Job& j = *static_cast<const Job*>(ctx);
-        const int64_t r0 = c * j.chunk_rows, r1 = std::min(j.n, r0 + j.chunk_rows);
-        rows(j.kernel, j.m, r0, r1);
+        int p = 0;
+        while (c >= j.first_chunk[p + 1]) ++p;
+        const int64_t r0 = (c - j.first_chunk[p]) * j.chunk_rows[p], r1 = std::min(j.n[p], r0 + j.chunk_rows[p]);
+        rows(j.kernels[p], j.m, r0, r1);
     }
 };
 
-// y (m, n) by the kernel's tiles, weight rows split between the pool's threads.
+// Each kernels[p].p.y (m, n_p) by the kernels' tiles, weight rows split between the pool's threads.
 template <class K>
-void product(const K& kernel, int64_t m, int64_t k, int64_t n) {
+void products(const K* kernels, int parts, int64_t m, int64_t k) {
     const int threads = pool().threads();
-    if (threads == 1 || n * k < kMinParallelWeights) {
-        rows(kernel, m, 0, n);
+    int64_t weights = 0;
+    for (int p = 0; p < parts; ++p) weights += kernels[p].p.n * k;
+    if (threads == 1 || weights < kMinParallelWeights) {
+        for (int p = 0; p < parts; ++p) rows(kernels[p], m, 0, kernels[p].p.n);
         return;
     }
-    // Multiples of 12 rows (tiles of 3 or 4); at least 4 chunks per thread where n allows.
-    int64_t chunk_rows = std::max<int64_t>(1, kChunkBytes / K::row_bytes(k));
-    chunk_rows = std::min<int64_t>(chunk_rows, n / (4 * threads));
-    chunk_rows = std::max<int64_t>(12, (chunk_rows + 11) / 12 * 12);
-    const Job<K> job{kernel, m, n, chunk_rows};
-    pool().run(&Job<K>::run_chunk, &job, (n + chunk_rows - 1) / chunk_rows);
+    Job<K> job{kernels, parts, m, {}, {}, {}};
+    for (int p = 0; p < parts; ++p) {
+        // Multiples of 12 rows (tiles of 3 or 4); at least 4 chunks per thread where n allows.
+        const int64_t n = kernels[p].p.n;
+        int64_t chunk_rows = std::max<int64_t>(1, kChunkBytes / K::row_bytes(k));
+        chunk_rows = std::min<int64_t>(chunk_rows, n / (4 * threads));
+        chunk_rows = std::max<int64_t>(12, (chunk_rows + 11) / 12 * 12);
+        job.n[p] = n, job.chunk_rows[p] = chunk_rows;
+        job.first_chunk[p + 1] = job.first_chunk[p] + (n + chunk_rows - 1) / chunk_rows;
+    }
+    pool().run(&Job<K>::run_chunk, &job, job.first_chunk[parts]);
 }
 
+// make(p) for p < parts (the last repeated in unused slots: the types have no empty state).
+template <class T, class Make>
+std::array<T, kMaxParts> each_part(int parts, Make make) {
+    return {make(0), make(std::min(1, parts - 1)), make(std::min(2, parts - 1))};
+}
+
+// x (m, k) times each weight: y (m, n_0 + n_1 + ..), each row the parts' outputs side by side.
 template <class Fmt>
-void quantized_product(const Fmt& f, const float* x, float* y, int64_t m, int64_t k, int64_t n) {
+void quantized_products(const std::array<Fmt, kMaxParts>& formats, const int64_t* ns, int parts, const float* x, float* y,
+                        int64_t m, int64_t k) {
     thread_local QuantizedX qx;  // reused: a decode step's products are the same few sizes
     quantize_x(x, m, k, qx);
-    product(QKernel<Fmt>{f, QProduct{&qx, y, m, k, n}}, m, k, n);
+    int64_t ldy = 0, column[kMaxParts] = {};
+    for (int p = 0; p < parts; ++p) column[p] = ldy, ldy += ns[p];
+    const auto kernels = each_part<QKernel<Fmt>>(parts, [&](int p) {
+        return QKernel<Fmt>{formats[p], QProduct{&qx, y + column[p], m, k, ns[p], ldy}};
+    });
+    products(kernels.data(), parts, m, k);
 }
 
 }  // namespace
@@ -728,19 +757,44 @@ void llk_parallel_for(void (*fn)(const void* ctx, int64_t i), const void* ctx, i
 
 // y (m, n) = x (m, k) @ w (n, k)^T
 void llk_linear_f32(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n) {
-    product(F32Kernel{Product{x, w, y, m, k, n}}, m, k, n);
+    const F32Kernel kernel{Product{x, w, y, m, k, n, n}};
+    products(&kernel, 1, m, k);
 }
 
 // y = x @ (q * scale)^T; scale (n, groups): one float per output row and group of k / groups columns.
 void llk_linear_q8(const float* x, const int8_t* q, const float* scale, int64_t groups, float* y,
                    int64_t m, int64_t k, int64_t n) {
-    quantized_product(Q8{q, scale, k, groups}, x, y, m, k, n);
+    quantized_products(each_part<Q8>(1, [&](int) { return Q8{q, scale, k, groups}; }), &n, 1, x, y, m, k);
 }
 
 // y = x @ (d * q + m)^T; qs (n, k / 2) nibbles, d and mins (n, groups) fp16 bits; k / groups % 32 == 0.
 void llk_linear_q4(const float* x, const uint8_t* qs, const uint16_t* d, const uint16_t* mins, int64_t groups,
                    float* y, int64_t m, int64_t k, int64_t n) {
-    quantized_product(Q4{qs, d, mins, k, groups}, x, y, m, k, n);
+    quantized_products(each_part<Q4>(1, [&](int) { return Q4{qs, d, mins, k, groups}; }), &n, 1, x, y, m, k);
+}
+
+// x (m, k) times up to 3 weights of one format (see LlkLinear in linear.h) -> y (m, n_0 + n_1 + ..):
+// one pool run for a layer's q, k, v (or w1, w3) kept as separate tensors.
+void llk_linear_parts(const LlkLinear* parts, int64_t n_parts, const float* x, float* y, int64_t m) {
+    const int n = static_cast<int>(n_parts);
+    const int64_t k = parts[0].k;
+    int64_t ns[kMaxParts] = {}, column[kMaxParts] = {}, ldy = 0;
+    for (int p = 0; p < n; ++p) ns[p] = parts[p].n, column[p] = ldy, ldy += ns[p];
+    if (parts[0].format == 0) {
+        const auto kernels = each_part<F32Kernel>(n, [&](int p) {
+            return F32Kernel{Product{x, static_cast<const float*>(parts[p].w), y + column[p], m, k, ns[p], ldy}};
+        });
+        products(kernels.data(), n, m, k);
+    } else if (parts[0].format == 1) {
+        quantized_products(each_part<Q8>(n, [&](int p) {
+            return Q8{static_cast<const int8_t*>(parts[p].w), static_cast<const float*>(parts[p].scale), k, parts[p].groups};
+        }), ns, n, x, y, m, k);
+    } else {
+        quantized_products(each_part<Q4>(n, [&](int p) {
+            return Q4{static_cast<const uint8_t*>(parts[p].w), static_cast<const uint16_t*>(parts[p].scale),
+                      static_cast<const uint16_t*>(parts[p].min), k, parts[p].groups};
+        }), ns, n, x, y, m, k);
+    }
 }
 
 }  // extern "C"

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "linear.h"
 #include "simd.h"
 
 extern "C" {
@@ -24,15 +25,7 @@ void llk_linear_q8(const float* x, const int8_t* q, const float* scale, int64_t 
 void llk_linear_q4(const float* x, const uint8_t* qs, const uint16_t* d, const uint16_t* mins, int64_t groups,
                    float* y, int64_t m, int64_t k, int64_t n);
 void llk_parallel_for(void (*fn)(const void* ctx, int64_t i), const void* ctx, int64_t n);
-
-// A weight in one of the products' formats: n output rows of k columns.
-struct LlkLinear {
-    int64_t format;  // 0: fp32 w; 1: int8 w, float scale (n, groups); 2: 4-bit w, fp16 scale and min (n, groups)
-    const void* w;
-    const void* scale;
-    const void* min;
-    int64_t groups, n, k;
-};
+void llk_linear_parts(const LlkLinear* parts, int64_t n_parts, const float* x, float* y, int64_t m);
 
 // A layer's weights and key/value cache. Projections that read the same input come as one fused
 // weight (parts == 1: rows of q, k, v or of w1, w3 one after the other) or as separate ones.
@@ -69,31 +62,12 @@ void linear(const LlkLinear& w, const float* x, float* y, int64_t m) {
                       static_cast<const uint16_t*>(w.min), w.groups, y, m, w.k, w.n);
 }
 
-// Columns [c, c + width) of a projection's output for row i: where the parts' products put them.
-struct Outputs {
-    const float* base[3];
-    int64_t stride[3], offset[3];
-    const float* at(int part, int64_t i) const { return base[part] + i * stride[part] + offset[part]; }
-};
-
-// x (m, k) through the parts (1: fused, else one per output) into buf -> where each output lands.
-Outputs project(const LlkLinear* parts, int64_t n_parts, const int64_t* widths, int n_outputs, const float* x,
-                int64_t m, std::vector<float>& buf) {
-    int64_t total = 0;
-    for (int p = 0; p < n_outputs; ++p) total += widths[p];
+// x (m, k) through a projection's weights, one fused weight or one per output (q, k, v; w1, w3),
+// into buf (m, total): each row's outputs side by side either way.
+void project(const LlkLinear* parts, int64_t n_parts, int64_t total, const float* x, int64_t m, std::vector<float>& buf) {
     buf.resize(m * total);
-    Outputs out{};
-    if (n_parts == 1) {
-        linear(parts[0], x, buf.data(), m);
-        for (int p = 0, c = 0; p < n_outputs; c += widths[p++]) out.base[p] = buf.data(), out.stride[p] = total, out.offset[p] = c;
-    } else {
-        float* y = buf.data();
-        for (int p = 0; p < n_outputs; y += m * widths[p++]) {
-            linear(parts[p], x, y, m);
-            out.base[p] = y, out.stride[p] = widths[p], out.offset[p] = 0;
-        }
-    }
-    return out;
+    if (n_parts == 1) linear(parts[0], x, buf.data(), m);
+    else llk_linear_parts(parts, n_parts, x, buf.data(), m);
 }
 
 float dot(const float* a, const float* b, int64_t n) {
@@ -210,8 +184,8 @@ void layer_step(const LlkLayer& L, const LlkDims& D, float* h, int64_t m, const 
     const int64_t dim = D.dim, hd = D.head_dim;
     s.norm.resize(m * dim);
     for (int64_t i = 0; i < m; ++i) rms_norm(h + i * dim, L.attention_norm, s.norm.data() + i * dim, dim, D.norm_eps);
-    const int64_t qkv_widths[3] = {D.n_heads * hd, D.n_kv_heads * hd, D.n_kv_heads * hd};
-    const Outputs qkv = project(L.qkv, L.qkv_parts, qkv_widths, 3, s.norm.data(), m, s.qkv);
+    const int64_t qkv_width = (D.n_heads + 2 * D.n_kv_heads) * hd;  // q | k | v per row
+    project(L.qkv, L.qkv_parts, qkv_width, s.norm.data(), m, s.qkv);
 
     // Rotate each row's queries and keys; its key and value join the cache at its position.
     s.queries.resize(m * D.n_heads * hd);
@@ -220,13 +194,14 @@ void layer_step(const LlkLayer& L, const LlkDims& D, float* h, int64_t m, const 
         const int64_t pos = positions[i];
         const float* cos_sin = rope + pos * hd;  // (head_dim / 2, 2) per position
         float* q = s.queries.data() + i * D.n_heads * hd;
-        std::memcpy(q, qkv.at(0, i), D.n_heads * hd * sizeof(float));
+        const float* qkv = s.qkv.data() + i * qkv_width;
+        std::memcpy(q, qkv, D.n_heads * hd * sizeof(float));
         for (int64_t head = 0; head < D.n_heads; ++head) rotate(q + head * hd, cos_sin, hd);
         for (int64_t g = 0; g < D.n_kv_heads; ++g) {
             const int64_t at = (((cache_row + i) * D.n_kv_heads + g) * D.max_seq_len + pos) * hd;
-            std::memcpy(L.cache_k + at, qkv.at(1, i) + g * hd, hd * sizeof(float));
+            std::memcpy(L.cache_k + at, qkv + (D.n_heads + g) * hd, hd * sizeof(float));
             rotate(L.cache_k + at, cos_sin, hd);
-            std::memcpy(L.cache_v + at, qkv.at(2, i) + g * hd, hd * sizeof(float));
+            std::memcpy(L.cache_v + at, qkv + (D.n_heads + D.n_kv_heads + g) * hd, hd * sizeof(float));
         }
     }
     const Attention attention{&L, &D, positions, cache_row, s.queries.data(), s.heads.data()};
@@ -237,12 +212,11 @@ void layer_step(const LlkLayer& L, const LlkDims& D, float* h, int64_t m, const 
     for (int64_t c = 0; c < m * dim; ++c) h[c] += s.proj[c];
 
     for (int64_t i = 0; i < m; ++i) rms_norm(h + i * dim, L.ffn_norm, s.norm.data() + i * dim, dim, D.norm_eps);
-    const int64_t w13_widths[2] = {D.hidden, D.hidden};
-    const Outputs h13 = project(L.w13, L.w13_parts, w13_widths, 2, s.norm.data(), m, s.h13);
+    project(L.w13, L.w13_parts, 2 * D.hidden, s.norm.data(), m, s.h13);  // h1 | h3 per row
     s.act.resize(m * D.hidden);
     for (int64_t i = 0; i < m; ++i) {
         float* a = s.act.data() + i * D.hidden;
-        const float *h1 = h13.at(0, i), *h3 = h13.at(1, i);
+        const float *h1 = s.h13.data() + i * 2 * D.hidden, *h3 = h1 + D.hidden;
         for (int64_t c = 0; c < D.hidden; ++c) a[c] = -h1[c];
         exp_inplace(a, D.hidden);
         for (int64_t c = 0; c < D.hidden; ++c) a[c] = h1[c] / (1.0f + a[c]) * h3[c];  // silu(h1) * h3
