@@ -614,6 +614,7 @@ class Pool {
     }
 
     void worker() {
+        const FlushSubnormals flush;  // for the thread's life: it only runs products and decode steps
         uint64_t seen = generation(ticket_.load());
         for (;;) {
             auto until = std::chrono::steady_clock::now() + kWorkerSpin;
@@ -757,6 +758,7 @@ void llk_parallel_for(void (*fn)(const void* ctx, int64_t i), const void* ctx, i
 
 // y (m, n) = x (m, k) @ w (n, k)^T
 void llk_linear_f32(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n) {
+    const FlushSubnormals flush;
     const F32Kernel kernel{Product{x, w, y, m, k, n, n}};
     products(&kernel, 1, m, k);
 }
@@ -764,18 +766,21 @@ void llk_linear_f32(const float* x, const float* w, float* y, int64_t m, int64_t
 // y = x @ (q * scale)^T; scale (n, groups): one float per output row and group of k / groups columns.
 void llk_linear_q8(const float* x, const int8_t* q, const float* scale, int64_t groups, float* y,
                    int64_t m, int64_t k, int64_t n) {
+    const FlushSubnormals flush;
     quantized_products(each_part<Q8>(1, [&](int) { return Q8{q, scale, k, groups}; }), &n, 1, x, y, m, k);
 }
 
 // y = x @ (d * q + m)^T; qs (n, k / 2) nibbles, d and mins (n, groups) fp16 bits; k / groups % 32 == 0.
 void llk_linear_q4(const float* x, const uint8_t* qs, const uint16_t* d, const uint16_t* mins, int64_t groups,
                    float* y, int64_t m, int64_t k, int64_t n) {
+    const FlushSubnormals flush;
     quantized_products(each_part<Q4>(1, [&](int) { return Q4{qs, d, mins, k, groups}; }), &n, 1, x, y, m, k);
 }
 
 // x (m, k) times up to 3 weights of one format (see LlkLinear in linear.h) -> y (m, n_0 + n_1 + ..):
 // one pool run for a layer's q, k, v (or w1, w3) kept as separate tensors.
 void llk_linear_parts(const LlkLinear* parts, int64_t n_parts, const float* x, float* y, int64_t m) {
+    const FlushSubnormals flush;
     const int n = static_cast<int>(n_parts);
     const int64_t k = parts[0].k;
     int64_t ns[kMaxParts] = {}, column[kMaxParts] = {}, ldy = 0;

@@ -34,6 +34,21 @@ inline float half_to_float(uint16_t h) {
 #endif
 }
 
+// Subnormal floats (below 1.2e-38) flushed to zero, as inputs and results, while in scope: on
+// x86 each operation that meets one can take a hundred cycles, and softmax tails and SiLU of very
+// negative inputs make them; a decode step of SmolLM2 on Zen 5 ran ~15% faster with them flushed.
+// Their share of any sum is below fp32's resolution of the values that matter.
+class FlushSubnormals {
+  public:
+#if defined(__SSE__)
+    FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ | DAZ
+    ~FlushSubnormals() { _mm_setcsr(saved_); }
+
+  private:
+    unsigned saved_;
+#endif
+};
+
 // Asks for the cache lines of [p, p + bytes) ahead of their use.
 inline void prefetch(const void* p, int64_t bytes) {
 #if defined(__x86_64__) || defined(__i386__)
