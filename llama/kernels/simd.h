@@ -70,7 +70,11 @@ struct Scalar {
     static V set1(float v) { return v; }
     static V mul(V a, V b) { return a * b; }
     static V fma(V a, V b, V c) { return a * b + c; }
+    static V add(V a, V b) { return a + b; }
+    static V div(V a, V b) { return a / b; }
+    static V max(V a, V b) { return a < b ? b : a; }
     static float sum(V v) { return v; }
+    static float hmax(V v) { return v; }
 };
 
 #if defined(__AVX512F__)
@@ -84,7 +88,11 @@ struct Simd {
     static V set1(float v) { return _mm512_set1_ps(v); }
     static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
     static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static V add(V a, V b) { return _mm512_add_ps(a, b); }
+    static V div(V a, V b) { return _mm512_div_ps(a, b); }
+    static V max(V a, V b) { return _mm512_max_ps(a, b); }
     static float sum(V v) { return _mm512_reduce_add_ps(v); }
+    static float hmax(V v) { return _mm512_reduce_max_ps(v); }
 };
 #elif defined(__AVX2__) && defined(__FMA__)
 #define LLK_ISA "avx2"
@@ -97,6 +105,14 @@ struct Simd {
     static V set1(float v) { return _mm256_set1_ps(v); }
     static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
     static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    static V add(V a, V b) { return _mm256_add_ps(a, b); }
+    static V div(V a, V b) { return _mm256_div_ps(a, b); }
+    static V max(V a, V b) { return _mm256_max_ps(a, b); }
+    static float hmax(V v) {
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    }
     static float sum(V v) {
         __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         s = _mm_add_ps(s, _mm_movehl_ps(s, s));
