@@ -83,7 +83,7 @@ float dot(const float* a, const float* b, int64_t n) {
 // e^x for each x[i], to about 1 ulp: e^x = 2^n * e^r with r = x - n ln 2, |r| <= ln 2 / 2, e^r by
 // its Taylor series to r^7 (error below 6e-9). Plain loops that the compiler vectorizes. Below
 // e^-87 (near the smallest normal float) the result is 0: subnormal floats slow every operation
-// that meets them, by a fifth of a whole SmolLM2 decode step on Zen 5 (softmax tails).
+// that meets them (see FlushSubnormals in simd.h).
 void exp_inplace(float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
         const float v = std::min(std::max(x[i], -87.0f), 88.0f);
