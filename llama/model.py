@@ -5,6 +5,7 @@ torchrun job holds the slice of the weights its consolidated.NN.pth shard carrie
 """
 
 import math
+import mmap
 from typing import Callable, Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -148,8 +149,8 @@ class Attention(nn.Module):
         # reads it in place, and each group of n_rep query heads shares its key/value head
         # instead of copying it n_rep times (Meta's repeat_kv).
         cache_shape = (args.max_batch_size, self.n_local_kv_heads, args.max_seq_len, self.head_dim)
-        self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
-        self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
+        self.register_buffer("cache_k", _lazy_zeros(cache_shape), persistent=False)
+        self.register_buffer("cache_v", _lazy_zeros(cache_shape), persistent=False)
 
     def forward(
         self,
@@ -196,6 +197,20 @@ class Attention(nn.Module):
             output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask)
         output = output.view(bsz, self.n_local_kv_heads, self.n_rep, seqlen, self.head_dim).permute(0, 3, 1, 2, 4)
         return self.wo(output.reshape(bsz, seqlen, -1))
+
+
+def _lazy_zeros(shape: Tuple[int, ...]) -> torch.Tensor:
+    """torch.zeros(shape) in the default dtype and device; on the CPU backed by anonymous memory
+    the OS maps as it is first written, so that a cache holds memory for the positions a
+    generation reaches, not for max_seq_len (Llama 3 8B at 8192 positions: 4 GiB in fp32)."""
+    dtype, device = torch.get_default_dtype(), torch.empty(0).device
+    if device.type != "cpu":
+        return torch.zeros(shape)
+    count = math.prod(shape)
+    if count == 0:
+        return torch.zeros(shape)
+    memory = mmap.mmap(-1, count * torch.empty(0, dtype=dtype).element_size())
+    return torch.frombuffer(memory, dtype=dtype, count=count).view(shape)
 
 
 def _attention_by_reductions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The Transformer: Meta's state_dict keys, the same numbers as an independent implementation, the KV cache."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ VOCAB = 512
 
 
 def tiny_model(compile_decode: bool = False, **overrides) -> Transformer:
-    args = ModelArgs.from_params(TINY_PARAMS, vocab_size=VOCAB, max_seq_len=64, max_batch_size=3, rope_theta=10000.0, **overrides)
+    args = ModelArgs.from_params(TINY_PARAMS, **{"vocab_size": VOCAB, "max_seq_len": 64, "max_batch_size": 3, "rope_theta": 10000.0, **overrides})
     with default_device_and_dtype(torch.device("cpu"), torch.float32):
         model = Transformer(args, compile_decode=compile_decode)
     model.load_state_dict(random_state_dict(args), assign=True)
@@ -138,6 +139,23 @@ def test_compiled_steps_attention_by_reductions_equals_sdpa():
     mask[0, ..., 4:] = float("-inf")  # row 0 sees 4 positions, row 1 all 7
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(_attention_by_reductions(q, k, v, mask), want, atol=1e-5, rtol=1e-5)
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the process's resident memory from /proc")
+def test_the_kv_cache_holds_memory_only_for_positions_written(model_parallel):
+    before = _resident_mb()
+    model = tiny_model(max_seq_len=32768)  # caches: 2 layers x 2 x 3 x 2 x 32768 x 16 floats = 48 MB
+    grown = _resident_mb() - before
+    assert grown < 16, f"building the model took {grown:.0f} MB"
+    cache = model.layers[0].attention.cache_k
+    assert cache.shape == (3, 2, 32768, 16) and not cache[:, :, :4].any()
+    model.forward(torch.tensor([[1, 2, 3]]), 0)
+    assert cache[0, :, :3].any() and not cache[0, :, 3:].any()
 
 
 def test_last_only_logits_are_the_last_position(model_parallel):

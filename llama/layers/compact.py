@@ -18,6 +18,7 @@ from llama.layers.linear import (
     compiled_into_generated_code,
 )
 from llama.model import Transformer
+from llama.runtime.host import release_freed_memory
 
 
 class FusedColumns(torch.nn.Module):
@@ -74,3 +75,4 @@ def fuse_projections(model: Transformer) -> None:
         attention, feed_forward = layer.attention, layer.feed_forward
         attention.wqkv = FusedColumns([attention.wq, attention.wk, attention.wv])
         feed_forward.w13 = FusedColumns([feed_forward.w1, feed_forward.w3])
+        release_freed_memory()  # the layer's separate weights, now copied: not held until the next layer reuses them

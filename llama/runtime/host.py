@@ -9,9 +9,11 @@ quota, shared among the processes of one torchrun node; LLAMA_NUM_THREADS or `th
 """
 
 import contextlib
+import ctypes
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -99,3 +101,29 @@ def torch_threads(n: Optional[int]) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+
+
+_libc = _glibc()
+
+
+def release_freed_memory() -> None:
+    """Give the C heap's freed pages back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+    Replacing many mid-sized tensors by copies (the fused projections of a compact model) leaves
+    their freed memory in the heap, counted in the process's resident memory: SmolLM2's Q4_1
+    GGUF kept ~30 MB that way, a third of the file.
+    """
+    if _libc is not None:
+        _libc.malloc_trim(0)
+
