@@ -3,7 +3,6 @@ weights to a compact format, one tensor at a time, never holding the source and 
 
 import ctypes
 import mmap
-import sys
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -17,6 +16,7 @@ from llama.args import CheckpointError
 from llama.checkpoints.meta import IGNORED_KEYS, tensor_shape, unexpected_weights_error
 from llama.layers.compact import Q8Embedding
 from llama.layers.linear import LocalProduct, Packed, check_int4_columns, pack_weight
+from llama.runtime.host import libc_function
 
 
 def load_into(
@@ -155,23 +155,12 @@ def _page_out_array(a: np.ndarray) -> None:
 
 
 def _page_out_range(start: int, size: int) -> None:
-    if _libc is None:
+    if _madvise is None:
         return
     end = start + size
     first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
-        _libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
+        _madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
 
 
-def _load_libc() -> Optional[ctypes.CDLL]:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_libc = _load_libc()
+_madvise = libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])

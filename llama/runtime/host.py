@@ -15,7 +15,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -103,18 +103,20 @@ def torch_threads(n: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _glibc() -> Optional[ctypes.CDLL]:
+def libc_function(name: str, argtypes: list) -> Optional[Callable[..., int]]:
+    """A function of a Linux process's C library with its argument types declared, or None where
+    there is none (other systems; musl has no malloc_trim)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(None)
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        return libc
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
         return None
+    function.argtypes = argtypes
+    return function
 
 
-_libc = _glibc()
+_malloc_trim = libc_function("malloc_trim", [ctypes.c_size_t])
 
 
 def release_freed_memory() -> None:
@@ -124,6 +126,6 @@ def release_freed_memory() -> None:
     their freed memory in the heap, counted in the process's resident memory: SmolLM2's Q4_1
     GGUF kept ~30 MB that way, a third of the file.
     """
-    if _libc is not None:
-        _libc.malloc_trim(0)
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
