@@ -186,11 +186,6 @@ inline __m128i dot_u8s8(__m128i u, __m128i s) { return _mm_dpbusd_avx_epi32(_mm_
 #else
 inline __m128i dot_u8s8(__m128i u, __m128i s) { return _mm_maddubs_epi16(u, s); }
 #endif
-inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
 // int16 pair sums -> int32 (the identity where dot_u8s8 gives int32 already).
 inline __m256i widen(__m256i v) {
 #if defined(LLK_VNNI)
@@ -423,13 +418,14 @@ void qtile(const Fmt& f, const QProduct& p, int64_t row, int64_t i0) {
     if (i0 == 0 && row + (kPrefetchTiles + 1) * R <= p.n) f.prefetch_rows(row + kPrefetchTiles * R, R);
     float out[R][M];
 #if defined(LLK_INT_SIMD)
+#if defined(LLK_VNNI512)
+    __m512 acc[R][M];
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < M; ++i) acc[r][i] = _mm512_setzero_ps();
+#else
     __m256 acc[R][M];
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < M; ++i) acc[r][i] = _mm256_setzero_ps();
-#if defined(LLK_VNNI512)
-    __m512 acc512[R][M];
-    for (int r = 0; r < R; ++r)
-        for (int i = 0; i < M; ++i) acc512[r][i] = _mm512_setzero_ps();
 #endif
     for (int64_t b0 = 0; b0 < x.blocks; b0 += 8) {
         const int nb = static_cast<int>(std::min<int64_t>(8, x.blocks - b0));
@@ -449,17 +445,16 @@ void qtile(const Fmt& f, const QProduct& p, int64_t row, int64_t i0) {
         // Whole pairs of blocks, then the row's last one or two (the second possibly short) by
         // masked loads: zeros past the row's columns, and past the activations' blocks.
         if (nb == 8 && (b0 + 8) * BLOCK <= p.k) {
-            vnni512_pair<Fmt, R, M, 0, true>(f, x, row, i0, b0, scales, acc512);
-            vnni512_pair<Fmt, R, M, 2, true>(f, x, row, i0, b0, scales, acc512);
-            vnni512_pair<Fmt, R, M, 4, true>(f, x, row, i0, b0, scales, acc512);
-            vnni512_pair<Fmt, R, M, 6, true>(f, x, row, i0, b0, scales, acc512);
+            vnni512_pair<Fmt, R, M, 0, true>(f, x, row, i0, b0, scales, acc);
+            vnni512_pair<Fmt, R, M, 2, true>(f, x, row, i0, b0, scales, acc);
+            vnni512_pair<Fmt, R, M, 4, true>(f, x, row, i0, b0, scales, acc);
+            vnni512_pair<Fmt, R, M, 6, true>(f, x, row, i0, b0, scales, acc);
         } else {
             int j = 0;
-            for (; j + 2 <= nb && (b0 + j + 2) * BLOCK <= p.k; j += 2) vnni512_pair<Fmt, R, M, -1, true>(f, x, row, i0, b0, scales, acc512, j);
-            if (j < nb) vnni512_pair<Fmt, R, M, -1, false>(f, x, row, i0, b0, scales, acc512, j, nb - j, p.k);
+            for (; j + 2 <= nb && (b0 + j + 2) * BLOCK <= p.k; j += 2) vnni512_pair<Fmt, R, M, -1, true>(f, x, row, i0, b0, scales, acc, j);
+            if (j < nb) vnni512_pair<Fmt, R, M, -1, false>(f, x, row, i0, b0, scales, acc, j, nb - j, p.k);
         }
-        continue;
-#endif
+#else
         if (nb == 8) {
             qpair<Fmt, R, M, 0>(f, x, row, i0, b0 + 0, true, scales, acc);
             qpair<Fmt, R, M, 1>(f, x, row, i0, b0 + 1, true, scales, acc);
@@ -471,12 +466,14 @@ void qtile(const Fmt& f, const QProduct& p, int64_t row, int64_t i0) {
             if (nb > 2) qpair<Fmt, R, M, 2>(f, x, row, i0, b0 + 2, nb > 6, scales, acc);
             if (nb > 3) qpair<Fmt, R, M, 3>(f, x, row, i0, b0 + 3, false, scales, acc);
         }
+#endif
     }
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < M; ++i) {
-            out[r][i] = hsum(acc[r][i]);
 #if defined(LLK_VNNI512)
-            out[r][i] += _mm512_reduce_add_ps(acc512[r][i]);
+            out[r][i] = _mm512_reduce_add_ps(acc[r][i]);
+#else
+            out[r][i] = hsum(acc[r][i]);
 #endif
         }
 #else
@@ -777,8 +774,8 @@ void llk_linear_q4(const float* x, const uint8_t* qs, const uint16_t* d, const u
     quantized_products(each_part<Q4>(1, [&](int) { return Q4{qs, d, mins, k, groups}; }), &n, 1, x, y, m, k);
 }
 
-// x (m, k) times up to 3 weights of one format (see LlkLinear in linear.h) -> y (m, n_0 + n_1 + ..):
-// one pool run for a layer's q, k, v (or w1, w3) kept as separate tensors.
+// x (m, k) times 1 to 3 weights of one format (see LlkLinear in linear.h) -> y (m, n_0 + n_1 + ..):
+// one pool run for a layer's q, k, v (or w1, w3) kept as separate tensors; the decode step's products.
 void llk_linear_parts(const LlkLinear* parts, int64_t n_parts, const float* x, float* y, int64_t m) {
     const FlushSubnormals flush;
     const int n = static_cast<int>(n_parts);

@@ -20,11 +20,6 @@
 #include "simd.h"
 
 extern "C" {
-void llk_linear_f32(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n);
-void llk_linear_q8(const float* x, const int8_t* q, const float* scale, int64_t groups, float* y, int64_t m,
-                   int64_t k, int64_t n);
-void llk_linear_q4(const float* x, const uint8_t* qs, const uint16_t* d, const uint16_t* mins, int64_t groups,
-                   float* y, int64_t m, int64_t k, int64_t n);
 void llk_parallel_for(void (*fn)(const void* ctx, int64_t i), const void* ctx, int64_t n);
 void llk_linear_parts(const LlkLinear* parts, int64_t n_parts, const float* x, float* y, int64_t m);
 
@@ -54,21 +49,11 @@ namespace {
 using namespace llk;
 using S = Simd;
 
-void linear(const LlkLinear& w, const float* x, float* y, int64_t m) {
-    if (w.format == 0) llk_linear_f32(x, static_cast<const float*>(w.w), y, m, w.k, w.n);
-    else if (w.format == 1)
-        llk_linear_q8(x, static_cast<const int8_t*>(w.w), static_cast<const float*>(w.scale), w.groups, y, m, w.k, w.n);
-    else
-        llk_linear_q4(x, static_cast<const uint8_t*>(w.w), static_cast<const uint16_t*>(w.scale),
-                      static_cast<const uint16_t*>(w.min), w.groups, y, m, w.k, w.n);
-}
-
 // x (m, k) through a projection's weights, one fused weight or one per output (q, k, v; w1, w3),
 // into buf (m, total): each row's outputs side by side either way.
 void project(const LlkLinear* parts, int64_t n_parts, int64_t total, const float* x, int64_t m, std::vector<float>& buf) {
     buf.resize(m * total);
-    if (n_parts == 1) linear(parts[0], x, buf.data(), m);
-    else llk_linear_parts(parts, n_parts, x, buf.data(), m);
+    llk_linear_parts(parts, n_parts, x, buf.data(), m);
 }
 
 float dot(const float* a, const float* b, int64_t n) {
@@ -224,8 +209,7 @@ void layer_step(const LlkLayer& L, const LlkDims& D, float* h, int64_t m, const 
     const Attention attention{&L, &D, positions, cache_row, s.queries.data(), s.heads.data()};
     llk_parallel_for(&Attention::run, &attention, m * D.n_heads);
 
-    s.proj.resize(m * dim);
-    linear(L.wo, s.heads.data(), s.proj.data(), m);
+    project(&L.wo, 1, dim, s.heads.data(), m, s.proj);
     for (int64_t c = 0; c < m * dim; ++c) h[c] += s.proj[c];
 
     for (int64_t i = 0; i < m; ++i) rms_norm(h + i * dim, L.ffn_norm, s.norm.data() + i * dim, dim, D.norm_eps);
@@ -238,7 +222,7 @@ void layer_step(const LlkLayer& L, const LlkDims& D, float* h, int64_t m, const 
         exp_inplace(a, D.hidden);
         for (int64_t c = 0; c < D.hidden; ++c) a[c] = h1[c] / (1.0f + a[c]) * h3[c];  // silu(h1) * h3
     }
-    linear(L.w2, s.act.data(), s.proj.data(), m);
+    project(&L.w2, 1, dim, s.act.data(), m, s.proj);
     for (int64_t c = 0; c < m * dim; ++c) h[c] += s.proj[c];
 }
 

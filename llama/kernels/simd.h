@@ -77,6 +77,15 @@ struct Scalar {
     static float hmax(V v) { return v; }
 };
 
+#if defined(__AVX__)
+// The sum of a 256-bit vector's 8 floats (also the integer kernels' accumulators on AVX-512 CPUs).
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 #if defined(__AVX512F__)
 #define LLK_ISA "avx512"
 struct Simd {
@@ -113,11 +122,7 @@ struct Simd {
         m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
     }
-    static float sum(V v) {
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-    }
+    static float sum(V v) { return hsum(v); }
 };
 #else
 #define LLK_ISA "portable"
