@@ -1,6 +1,8 @@
-"""Threads fit the CPUs this process may use (affinity, cgroup quota, torchrun processes), with overrides."""
+"""Threads fit the CPUs this process may use (affinity, cgroup quota, torchrun processes), with overrides;
+weights live in memory the OS may back with 2 MB pages."""
 
 import logging
+import sys
 
 import pytest
 import torch
@@ -79,3 +81,52 @@ def test_configure_sets_torch_threads_and_logs_the_choice(monkeypatch, two_cpus,
         assert host.configure_threads(1) == 1
     assert torch.get_num_threads() == 1
     assert "Computing with 1 CPU thread (from threads=)" in caplog.text
+
+
+def _vm_flags(address: int) -> list:
+    """The VmFlags of this process's mapping that holds address (Linux /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(part, 16) for part in head.split("-"))
+                inside = start <= address < end
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    raise LookupError(f"no mapping holds {address:#x}")
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
+
+
+@linux_only
+def test_arena_memory_asks_for_huge_pages_from_a_2mb_boundary():
+    arena = host.huge_page_arena(4 << 20)
+    t = arena.empty((1024, 1024), torch.float32)
+    assert t.data_ptr() % host.HUGE_PAGE == 0
+    assert "hg" in _vm_flags(t.data_ptr())  # MADV_HUGEPAGE
+
+
+@linux_only
+def test_arena_tensors_are_cache_line_aligned_and_disjoint():
+    arena = host.huge_page_arena(1 << 16)
+    a, b = arena.empty((3, 5), torch.float32), arena.empty((7,), torch.bfloat16)
+    a.fill_(1.0)
+    b.fill_(2.0)
+    assert a.data_ptr() % 64 == 0 and b.data_ptr() % 64 == 0
+    assert bool((a == 1.0).all()) and bool((b == 2.0).all())
+
+
+@linux_only
+def test_an_arena_refuses_more_than_it_was_made_for():
+    arena = host.huge_page_arena(1000)
+    with pytest.raises(MemoryError, match="bytes asked"):
+        arena.empty((host.HUGE_PAGE,), torch.uint8)
+
+
+@linux_only
+def test_loaded_cpu_weights_lie_in_huge_page_memory(llama3):
+    layer = llama3.model.layers[0]
+    for weight in (layer.attention.wo.weight, layer.feed_forward.w2.weight, llama3.model.output.weight):
+        assert weight.dtype == torch.float32 and "hg" in _vm_flags(weight.data_ptr())

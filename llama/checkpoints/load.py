@@ -16,7 +16,7 @@ from llama.args import CheckpointError
 from llama.checkpoints.meta import IGNORED_KEYS, tensor_shape, unexpected_weights_error
 from llama.layers.compact import Q8Embedding
 from llama.layers.linear import LocalProduct, Packed, check_int4_columns, pack_weight
-from llama.runtime.host import libc_function
+from llama.runtime.host import HugePageArena, huge_page_arena, libc_function
 
 
 def load_into(
@@ -69,6 +69,7 @@ def load_into(
     done: Dict[str, torch.Tensor] = {}
     packed: Dict[str, Tuple[Packed, Optional[torch.Tensor]]] = {}
     embedding_blocks = None
+    arena = _dense_arena(expected, names, set(linears) if weight_format is not None else set(), device, dtype)
     for k in expected:
         name = names[k]
         if weight_format is not None and k in linears:
@@ -79,7 +80,7 @@ def load_into(
             converted[k] = done[name]
         else:
             source = state_dict[name]
-            converted[k] = done[name] = source.to(device=device, dtype=dtype)
+            converted[k] = done[name] = _converted(source, device, dtype, arena)
             if converted[k].untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
                 _page_out(source)
             del source  # a converted source's tensor is freed before the next one is read
@@ -91,6 +92,38 @@ def load_into(
     stored = [k for k in result.missing_keys if k not in linears or weight_format is None]
     if stored or result.unexpected_keys:  # the checks above make this unreachable
         raise CheckpointError(f"{path}: weights left unloaded {stored[:3]} or unused {result.unexpected_keys[:3]}")
+
+
+def _dense_arena(
+    expected: Mapping[str, torch.Tensor], names: Mapping[str, str], packed: set, device: torch.device, dtype: torch.dtype
+) -> Optional[HugePageArena]:
+    """2 MB-page memory for the weights kept in dtype on the CPU (each checkpoint tensor once), or None."""
+    if device.type != "cpu":
+        return None
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    sizes = {names[k]: v.numel() * itemsize for k, v in expected.items() if k not in packed}
+    return huge_page_arena(sum(-(-size // 64) * 64 for size in sizes.values()))
+
+
+def _converted(source: torch.Tensor, device: torch.device, dtype: torch.dtype, arena: Optional[HugePageArena]) -> torch.Tensor:
+    """source in (device, dtype): copied into the arena where there is one (even a source already
+    in dtype: a memory-mapped shard's pages are 4 KB ones), else source.to's result."""
+    if arena is None:
+        return source.to(device=device, dtype=dtype)
+    copy = arena.empty(source.shape, dtype)
+    if source.dim() == 0 or not source.is_contiguous() or source.device.type != "cpu":
+        return copy.copy_(source)
+    # A slice at a time, each paged out once copied: the largest tensor (an embedding) is not
+    # resident twice.
+    rows = max(1, _COPY_BYTES // max(1, source[0].numel() * source.element_size()))
+    for start in range(0, source.shape[0], rows):
+        piece = source[start:start + rows]
+        copy[start:start + rows].copy_(piece)
+        _page_out(piece)
+    return copy
+
+
+_COPY_BYTES = 16 << 20
 
 
 def _q8_embedding(state_dict: Mapping[str, torch.Tensor], key: str, weight_format: Optional[str], device: torch.device) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:

@@ -1,5 +1,5 @@
 """The machine this process runs on: how many CPU threads it computes with, where per-machine
-builds (kernels, compiled code, the demo model) are cached.
+builds (kernels, compiled code, the demo model) are cached, memory in 2 MB pages for weights.
 
 torch sizes its thread pool by the host's cores. In a container, under `taskset`, or with several
 torchrun processes on one CPU that oversubscribes the cores, and every parallel product then
@@ -12,10 +12,11 @@ import contextlib
 import ctypes
 import logging
 import math
+import mmap
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -129,3 +130,48 @@ def release_freed_memory() -> None:
     if _malloc_trim is not None:
         _malloc_trim(0)
 
+
+
+_madvise = libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
+_MADV_HUGEPAGE = 14
+HUGE_PAGE = 2 << 20
+_ALIGN = 64  # a cache line: the kernels' vector loads never straddle two
+
+
+class HugePageArena:
+    """CPU memory for a model's weights, in one anonymous mapping that Linux backs with 2 MB pages.
+
+    A decode step streams every weight from memory once per token. With 4 KB pages that is a TLB
+    miss every 4 KB, and the hardware prefetcher stops at each page's end; the fp32 products of the
+    Llama 3.2 1B shape streamed 1.05-1.09x faster from 2 MB pages on a 2-core EPYC (Zen 5), where
+    llama.cpp's memory-mapped file already had them. Transparent huge pages are often enabled only
+    for memory that asks (madvise), which torch's allocator does not: this arena asks, and where
+    the kernel has them off or none are free, it is ordinary memory.
+    """
+
+    def __init__(self, nbytes: int):
+        self._memory = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._bytes = torch.frombuffer(self._memory, dtype=torch.uint8)
+        self._next = -self._bytes.data_ptr() % HUGE_PAGE  # huge pages cover 2 MB-aligned ranges
+        _madvise(self._bytes.data_ptr(), len(self._memory), _MADV_HUGEPAGE)
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor in the arena (it keeps the whole mapping alive)."""
+        count = math.prod(shape)
+        size = count * torch.empty(0, dtype=dtype).element_size()
+        if self._next + size > self._bytes.numel():
+            raise MemoryError(f"HugePageArena: {size} bytes asked, {self._bytes.numel() - self._next} left")
+        start = self._next
+        self._next = -(-(start + size) // _ALIGN) * _ALIGN
+        return self._bytes[start:start + size].view(dtype).view(tuple(shape))
+
+
+def huge_page_arena(nbytes: int) -> Optional[HugePageArena]:
+    """An arena of nbytes where the OS can give 2 MB pages on request (Linux), else None: torch's
+    own allocations are as good there."""
+    if _madvise is None or nbytes <= 0:
+        return None
+    try:
+        return HugePageArena(nbytes)
+    except (OSError, ValueError):  # address space refused (ulimit -v, overcommit policy)
+        return None
