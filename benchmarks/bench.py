@@ -289,7 +289,8 @@ RIVAL_ROUNDS = 3
 
 def decode_rates(generate, plan: dict, batch_sizes=(1, 4), rival: Optional["LlamaCpp"] = None) -> Dict[str, float]:
     """Decode tokens/s: max_gen_len tokens minus the prefill (timed alone) at each batch size.
-    With a rival, batch 1 is the best of rounds taken in turns with the rival's own."""
+    Batch 1 is the best of RIVAL_ROUNDS rounds, with a rival taken in turns with its own (so that
+    every format's batch-1 row, the ratios between formats included, is a best of as many)."""
     r: Dict[str, float] = {}
     new, p = plan["decode"], plan["decode_prompt"]
     for bsz in batch_sizes:
@@ -298,7 +299,7 @@ def decode_rates(generate, plan: dict, batch_sizes=(1, 4), rival: Optional["Llam
         time_generate(generate, [p] * bsz, 2)  # sets up the kernels of this batch size's shapes
         first = time_generate(generate, [p] * bsz, 1)
         total = float("inf")
-        for _ in range(RIVAL_ROUNDS if turns else 1):
+        for _ in range(RIVAL_ROUNDS if bsz == 1 else 1):
             total = min(total, time_generate(generate, [p] * bsz, new))
             if turns:
                 rival.decode_round()
