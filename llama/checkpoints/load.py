@@ -97,18 +97,24 @@ def load_into(
 def _dense_arena(
     expected: Mapping[str, torch.Tensor], names: Mapping[str, str], packed: set, device: torch.device, dtype: torch.dtype
 ) -> Optional[HugePageArena]:
-    """2 MB-page memory for the weights kept in dtype on the CPU (each checkpoint tensor once), or None."""
+    """2 MB-page memory for the large weights kept in dtype on the CPU (each checkpoint tensor
+    once), or None."""
     if device.type != "cpu":
         return None
     itemsize = torch.empty(0, dtype=dtype).element_size()
     sizes = {names[k]: v.numel() * itemsize for k, v in expected.items() if k not in packed}
-    return huge_page_arena(sum(-(-size // 64) * 64 for size in sizes.values()))
+    return huge_page_arena(sum(-(-size // 64) * 64 for size in sizes.values() if size >= _ARENA_MIN_BYTES))
+
+
+# Smaller tensors (norms) stay in torch's memory: a model whose large weights are all packed
+# would otherwise hold a whole 2 MB page for its norms' few KB.
+_ARENA_MIN_BYTES = 1 << 18
 
 
 def _converted(source: torch.Tensor, device: torch.device, dtype: torch.dtype, arena: Optional[HugePageArena]) -> torch.Tensor:
-    """source in (device, dtype): copied into the arena where there is one (even a source already
-    in dtype: a memory-mapped shard's pages are 4 KB ones), else source.to's result."""
-    if arena is None:
+    """source in (device, dtype): a large one copied into the arena where there is one (even a
+    source already in dtype: a memory-mapped shard's pages are 4 KB ones), else source.to's result."""
+    if arena is None or source.numel() * torch.empty(0, dtype=dtype).element_size() < _ARENA_MIN_BYTES:
         return source.to(device=device, dtype=dtype)
     copy = arena.empty(source.shape, dtype)
     if source.dim() == 0 or not source.is_contiguous() or source.device.type != "cpu":

@@ -29,6 +29,7 @@ import heapq
 import json
 import logging
 import re
+from array import array
 from pathlib import Path
 from typing import (
     AbstractSet,
@@ -155,6 +156,7 @@ class ByteLevelBPETokenizer(Tokenizer):
             "chatml" if all(name in self.special_tokens for name in CHATML_TOKENS) else "bpe"
         )
         self.chat_template: Optional[str] = _chat_template(config)
+        self._vocab_bytes = None  # rebuilt by _vocab() when the exact path first needs it
         logger.info(
             "Loaded byte-level BPE tokenizer from %s: #words %d, BOS %d, EOS %d, family %s",
             source, self.n_words, self.bos_id, self.eos_id, self.family,
@@ -164,8 +166,8 @@ class ByteLevelBPETokenizer(Tokenizer):
         """Sets n_words, the bytes of every id (added tokens: their text) and bytes -> id."""
         self.n_words: int = 1 + max([*vocab.values(), *(a["id"] for a in added)], default=-1)
         self._id_bytes: List[Optional[bytes]] = [None] * self.n_words
-        added_ids = {a["id"] for a in added}
-        self._vocab_bytes: Dict[bytes, int] = {}
+        self._added_ids = added_ids = frozenset(a["id"] for a in added)
+        table: Dict[bytes, int] = {}
         for token, i in vocab.items():
             spelled = token_bytes(token)
             if spelled is None and i not in added_ids:
@@ -175,7 +177,8 @@ class ByteLevelBPETokenizer(Tokenizer):
                 )
             self._id_bytes[i] = spelled
             if spelled is not None and i not in added_ids:
-                self._vocab_bytes[spelled] = i
+                table[spelled] = i
+        self._vocab_bytes: Optional[Dict[bytes, int]] = table
         for a in added:
             self._id_bytes[a["id"]] = a["content"].encode("utf-8")
 
@@ -183,30 +186,33 @@ class ByteLevelBPETokenizer(Tokenizer):
         self, source: str, pattern: str, model: Mapping[str, Any], added: List[Dict[str, Any]]
     ) -> None:
         """tiktoken's ranks are its ids: single bytes, then each merge's result in merge order,
-        then added tokens; `_ids` maps them to the file's ids."""
+        then added tokens; `_ids` maps them to the file's ids. Keys are the vocabulary's own bytes
+        objects, and HF's merge table is kept as ids until the exact path first needs it: a
+        50,000-merge vocabulary held ~11 MB more as fresh bytes, tuples and a dict."""
+        vocab, spelled = self._vocab(), self._id_bytes
         ranks: Dict[bytes, int] = {}
         self._ids: List[int] = []
         for byte in range(256):
-            i = self._vocab_bytes.get(bytes([byte]))
+            i = vocab.get(bytes([byte]))
             if i is not None:
-                ranks[bytes([byte])] = len(self._ids)
+                ranks[spelled[i]] = len(self._ids)  # type: ignore[index]
                 self._ids.append(i)
-        # HF's own merge table, for the exact path: (left, right) -> priority.
-        self._merge_ranks: Dict[Tuple[bytes, bytes], int] = {}
+        self._merges = array("i")  # HF's merges as (left id, right id), in priority order
         for rank, merge in enumerate(model["merges"]):
             left, right = _merge_pair(merge, source)
-            pair = (token_bytes(left), token_bytes(right))
-            result = token_bytes(left + right)
-            merged = self._vocab_bytes.get(result) if result is not None else None
-            if pair[0] not in self._vocab_bytes or pair[1] not in self._vocab_bytes or merged is None:
+            ids = [vocab.get(b) if b is not None else None for b in (token_bytes(left), token_bytes(right))]
+            merged = vocab.get(spelled[ids[0]] + spelled[ids[1]]) if None not in ids else None  # type: ignore
+            if merged is None:
                 raise ValueError(
                     f"tokenizer file {source}: merge {rank} ({left!r}, {right!r}) uses or makes a "
                     f"token missing from the byte-level vocabulary; {_HINT}"
                 )
-            self._merge_ranks[pair] = rank  # type: ignore[index]
+            self._merges.extend(ids)  # type: ignore[arg-type]
+            result = spelled[merged]
             if result not in ranks:  # made by several merges (Llama 3): its first one counts
                 ranks[result] = len(self._ids)  # type: ignore[index]
                 self._ids.append(merged)
+        self._merge_table: Optional[Dict[Tuple[bytes, bytes], int]] = None
         # Bytes that are no token: valid UTF-8 may still hold them; HF drops them (or emits unk).
         self._absent_bytes = bytes(b for b in range(256) if bytes([b]) not in ranks)
         self._ignore_merges = bool(model.get("ignore_merges", False))
@@ -270,7 +276,15 @@ class ByteLevelBPETokenizer(Tokenizer):
     def _token_id(self, name: str) -> Optional[int]:
         if name in self.special_tokens:
             return self.special_tokens[name]
-        return self._vocab_bytes.get(name.encode("utf-8"))
+        return self._vocab().get(name.encode("utf-8"))
+
+    def _vocab(self) -> Dict[bytes, int]:
+        """bytes -> id of the vocabulary's own tokens (not added ones). Loading reads it, then drops
+        it (2.5 MB for 50,000 tokens); the exact path rebuilds it when it first needs it."""
+        if self._vocab_bytes is None:
+            added = self._added_ids
+            self._vocab_bytes = {b: i for i, b in enumerate(self._id_bytes) if b is not None and i not in added}
+        return self._vocab_bytes
 
     def encode(
         self,
@@ -349,11 +363,22 @@ class ByteLevelBPETokenizer(Tokenizer):
             self._exact_splitter = regex.compile(self._pattern)
         return self._exact_splitter
 
+    def _merge_ranks(self) -> Dict[Tuple[bytes, bytes], int]:
+        """HF's merge table: (left, right) -> priority (a pair listed twice keeps its last, as HF)."""
+        if self._merge_table is None:
+            spelled, merges = self._id_bytes, self._merges
+            self._merge_table = {
+                (spelled[merges[2 * rank]], spelled[merges[2 * rank + 1]]): rank  # type: ignore[misc]
+                for rank in range(len(merges) // 2)
+            }
+        return self._merge_table
+
     def _bpe_piece(self, piece: bytes) -> List[int]:
         """HF's BPE of one pre-tokenized piece: merge the adjacent pair of lowest merge rank,
         leftmost first, until none is left; a heap of candidate pairs keeps long pieces fast."""
-        if self._ignore_merges and piece in self._vocab_bytes:
-            return [self._vocab_bytes[piece]]
+        vocab, merge_ranks = self._vocab(), self._merge_ranks()
+        if self._ignore_merges and piece in vocab:
+            return [vocab[piece]]
         # One symbol per byte; a byte that is no token is dropped, or becomes a barrier (None)
         # that turns into the unk id.
         symbols: List[Optional[bytes]] = []
@@ -372,7 +397,7 @@ class ByteLevelBPETokenizer(Tokenizer):
             j = right_of[k]
             if k < 0 or j >= n or symbols[k] is None or symbols[j] is None:
                 return None
-            return self._merge_ranks.get((symbols[k], symbols[j]))  # type: ignore[arg-type]
+            return merge_ranks.get((symbols[k], symbols[j]))  # type: ignore[arg-type]
 
         heap = [(r, k) for k in range(n - 1) if (r := rank_at(k)) is not None]
         heapq.heapify(heap)
@@ -390,7 +415,7 @@ class ByteLevelBPETokenizer(Tokenizer):
                 if start >= 0 and (r := rank_at(start)) is not None:
                     heapq.heappush(heap, (r, start))
         return [
-            self._unk_id if s is None else self._vocab_bytes[s]  # type: ignore[misc]
+            self._unk_id if s is None else vocab[s]  # type: ignore[misc]
             for s, keep in zip(symbols, alive)
             if keep
         ]
