@@ -285,6 +285,13 @@ def test_cache_key_includes_the_cpu_flags(monkeypatch):
     assert build.library_path(compiler) != here
 
 
+def test_an_environment_variable_chooses_the_instruction_set(monkeypatch):
+    monkeypatch.setenv(build.MARCH_ENV, "haswell")
+    assert "-march=haswell" in build.default_flags() and "-march=native" not in build.default_flags()
+    monkeypatch.delenv(build.MARCH_ENV)
+    assert "-march=native" in build.default_flags()
+
+
 @pytest.mark.parametrize("march,isa", [(None, "portable"), ("haswell", "avx2"), ("icelake-server", "avx512")])
 def test_each_instruction_set_build_matches_torch(native, march, isa):
     """The plain C++ path (CPUs without AVX2), AVX2 and AVX-512 with VNNI, each built and called

@@ -25,6 +25,15 @@ log = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu.cpp", "decode.cpp"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("simd.h", "linear.h"))
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-pthread")
+# $LLAMA_KERNELS_MARCH replaces -march=native: "haswell" runs the AVX2 code on an AVX-512 CPU (to
+# measure what an AVX2-only CPU gets), "x86-64" the portable C++.
+MARCH_ENV = "LLAMA_KERNELS_MARCH"
+
+
+def default_flags() -> Sequence[str]:
+    """FLAGS with -march from $LLAMA_KERNELS_MARCH where it is set."""
+    march = os.environ.get(MARCH_ENV)
+    return FLAGS if not march else tuple(f"-march={march}" if f == "-march=native" else f for f in FLAGS)
 
 
 class BuildError(RuntimeError):
@@ -57,8 +66,9 @@ def cpu_flags() -> str:
     return platform.machine() + " " + platform.processor()
 
 
-def library_path(compiler: str, flags: Sequence[str] = FLAGS) -> Path:
+def library_path(compiler: str, flags: Optional[Sequence[str]] = None) -> Path:
     """Where the build for these sources, compiler (and its version), flags and CPU lives."""
+    flags = default_flags() if flags is None else flags
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     key = hashlib.sha256()
     for part in (*(f.read_text() for f in SOURCES + HEADERS), compiler, version, " ".join(flags), cpu_flags()):
@@ -66,9 +76,10 @@ def library_path(compiler: str, flags: Sequence[str] = FLAGS) -> Path:
     return cache_root() / "kernels" / key.hexdigest()[:16] / "cpu.so"
 
 
-def build(compiler: str, flags: Sequence[str] = FLAGS) -> Path:
+def build(compiler: str, flags: Optional[Sequence[str]] = None) -> Path:
     """The library's path, compiling it first if it is not cached. Concurrent builds (several
     processes) each write a temporary file and rename it into place: the last one wins, whole."""
+    flags = default_flags() if flags is None else flags
     path = library_path(compiler, flags)
     if path.exists():
         return path
