@@ -206,7 +206,14 @@ def cpu_name() -> str:
     features = [label for probe, label in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16"),
                                            ("_is_avx512_supported", "AVX512"), ("_is_avx2_supported", "AVX2"))
                 if getattr(torch.cpu, probe, lambda: False)()]
-    return f"{name} ({', '.join(features) or 'no AVX2'})"
+    used = []  # what runs, which ATEN_CPU_CAPABILITY and LLAMA_KERNELS_MARCH can lower
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    if capability is not None:
+        used.append(f"torch {capability()}")
+    from llama import kernels
+
+    used.append(f"llama.kernels {kernels.isa()}" if kernels.available() else "no llama.kernels")
+    return f"{name} ({', '.join(features) or 'no AVX2'}; {', '.join(used)})"
 
 
 # --- our generate -----------------------------------------------------------------------------

@@ -169,6 +169,7 @@ void quantize_x(const float* x, int64_t m, int64_t k, QuantizedX& out) {
 // Products in 128-bit halves of a block (16 columns): CPUs that split 256-bit operations (AMD Zen 1)
 // pay the same per byte, and two blocks' sums then share one widening, conversion and fma.
 inline __m128i load16(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+inline __m256i load32(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 
 // 16 unsigned bytes times 16 signed bytes -> 4 int32 sums of 4 neighbours (VNNI), else 8 int16
 // sums of 2. maddubs's int16 sums cannot saturate here: |q| <= 128, |qx| <= 127 give at most 32512.
@@ -277,6 +278,15 @@ struct Q4 {
 #endif
     }
     static __m256i widen_sums(__m256i v) { return widen(v); }
+    // The whole block as 32 unsigned bytes in column order.
+    __m256i block256(int64_t row, int64_t b) const {
+        const Block w = block(row, b);
+        return _mm256_inserti128_si256(_mm256_castsi128_si256(w.lo), w.hi, 1);
+    }
+    // The block's products as 8 int32 sums of 4 (at most 4 * 15 * 127 each).
+    static __m256i sums256(__m256i w, const int8_t* x) {
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(w, load32(x)), _mm256_set1_epi16(1));
+    }
 #endif
 #if defined(LLK_VNNI512)
     // Blocks b and b + 1 as 64 unsigned bytes in column order: the 32 packed bytes, each 16-byte
@@ -344,6 +354,18 @@ struct Q8 {
 #endif
     }
     static __m256i widen_sums(__m256i v) { return v; }
+    __m256i block256(int64_t row, int64_t b) const {
+        const int8_t* p = q + row * k + b * BLOCK;
+        if ((b + 1) * BLOCK <= k) return load32(p);
+        alignas(32) int8_t tail[BLOCK] = {};
+        std::memcpy(tail, p, k - b * BLOCK);
+        return load32(tail);
+    }
+    // The sign trick on 32 columns: 16 int16 pair sums (at most 2 * 128 * 127), widened to 8 int32.
+    static __m256i sums256(__m256i w, const int8_t* x) {
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(load32(x), w));
+        return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+    }
 #endif
 #if defined(LLK_VNNI512)
     // Blocks b and b + 1 (whole, inside the row): 64 signed bytes; dot2 applies the sign trick.
@@ -373,6 +395,8 @@ struct QProduct {
 template <class Fmt, int R, int M, int J>
 inline void qpair(const Fmt& f, const QuantizedX& x, int64_t row, int64_t i0, int64_t b, bool pair,
                   const float (&scales)[R][M][8], __m256 (&acc)[R][M]) {
+#if defined(LLK_VNNI)
+    // 128-bit dot products (AVX-VNNI): each block's 4 int32 sums fill one half of the vector.
     for (int r = 0; r < R; ++r) {
         const typename Fmt::Block w0 = f.block(row + r, b);
         const typename Fmt::Block w1 = pair ? f.block(row + r, b + 4) : typename Fmt::Block{};
@@ -385,6 +409,23 @@ inline void qpair(const Fmt& f, const QuantizedX& x, int64_t row, int64_t i0, in
             acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(both), scale, acc[r][i]);
         }
     }
+#else
+    // Whole 256-bit blocks (half the instructions where the CPU has 256-bit units; Zen 1 splits
+    // them and pays the same per byte): each block's 8 int32 sums, pairwise added across the two
+    // blocks into [b b b+4 b+4 | b b b+4 b+4], meet the scales in that order.
+    const __m256i order = _mm256_setr_epi32(J, J, J + 4, J + 4, J, J, J + 4, J + 4);
+    for (int r = 0; r < R; ++r) {
+        const __m256i w0 = f.block256(row + r, b);
+        const __m256i w1 = pair ? f.block256(row + r, b + 4) : _mm256_setzero_si256();
+        for (int i = 0; i < M; ++i) {
+            const int8_t* qx = x.row_q(i0 + i) + b * BLOCK;
+            const __m256i s0 = Fmt::sums256(w0, qx);
+            const __m256i s1 = pair ? Fmt::sums256(w1, qx + 4 * BLOCK) : _mm256_setzero_si256();
+            const __m256 scale = _mm256_permutevar8x32_ps(_mm256_load_ps(scales[r][i]), order);
+            acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(s0, s1)), scale, acc[r][i]);
+        }
+    }
+#endif
 }
 #endif
 
