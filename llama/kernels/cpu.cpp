@@ -214,6 +214,7 @@ inline void group_scales(const T* scales, int64_t per_group, int64_t b0, float* 
 // 4-bit values q in 0..15, value = d * q + m per group. Nibbles in GGUF Q4_0/Q4_1 order: for each
 // 32 columns 16 bytes, byte j holding column j (low nibble) and column j + 16 (high nibble).
 struct Q4 {
+    static constexpr int kRows = 4;  // weight rows a tile takes for 1-2 activation rows
     const uint8_t* qs;
     const uint16_t* d;
     const uint16_t* m;
@@ -311,6 +312,13 @@ struct Q4 {
 // int8 values with a float scale per output row (groups == 1, any k) or per group of columns
 // (GGUF Q8_0: 32). A per-row scale multiplies the row's output once.
 struct Q8 {
+#if defined(LLK_INT_SIMD) && !defined(LLK_VNNI)
+    // Two: the sign trick's extra vectors left 4 rows' accumulators spilled to the stack on AVX2
+    // (the haswell build's int8 products on Zen 5: 1.3-1.5x slower than 2 rows).
+    static constexpr int kRows = 2;
+#else
+    static constexpr int kRows = 4;
+#endif
     const int8_t* q;
     const float* s;
     int64_t k, groups;
@@ -541,7 +549,7 @@ template <class Fmt>
 struct QKernel {
     // Weight rows per tile for m activation rows: a pair of blocks holds 4 vectors of weights, so
     // at most 8 accumulators.
-    static int rows_per_tile(int64_t m) { return m <= 2 ? 4 : 2; }
+    static int rows_per_tile(int64_t m) { return m <= 2 ? Fmt::kRows : 2; }
     static int64_t row_bytes(int64_t k) { return Fmt::row_bytes(k); }
     Fmt f;
     QProduct p;
