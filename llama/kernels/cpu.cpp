@@ -166,39 +166,28 @@ void quantize_x(const float* x, int64_t m, int64_t k, QuantizedX& out) {
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define LLK_INT_SIMD 1
-// Products in 128-bit halves of a block (16 columns): CPUs that split 256-bit operations (AMD Zen 1)
-// pay the same per byte, and two blocks' sums then share one widening, conversion and fma.
 inline __m128i load16(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
 inline __m256i load32(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 
-// 16 unsigned bytes times 16 signed bytes -> 4 int32 sums of 4 neighbours (VNNI), else 8 int16
-// sums of 2. maddubs's int16 sums cannot saturate here: |q| <= 128, |qx| <= 127 give at most 32512.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 // Two blocks per 512-bit dot product (CPUs with full-width AVX-512 units, e.g. Zen 5, Xeon):
 // one 64-byte weight load and one activation load give 16 int32 sums, 8 per block.
 #define LLK_VNNI512 1
 #endif
+// With VNNI, products in 128-bit halves of a block (16 columns): 16 unsigned bytes times 16 signed
+// bytes -> 4 int32 sums of 4 neighbours. Without, whole 256-bit blocks through maddubs (qpair).
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define LLK_VNNI 1
 inline __m128i dot_u8s8(__m128i u, __m128i s) { return _mm_dpbusd_epi32(_mm_setzero_si128(), u, s); }
 #elif defined(__AVXVNNI__)
 #define LLK_VNNI 1
 inline __m128i dot_u8s8(__m128i u, __m128i s) { return _mm_dpbusd_avx_epi32(_mm_setzero_si128(), u, s); }
-#else
-inline __m128i dot_u8s8(__m128i u, __m128i s) { return _mm_maddubs_epi16(u, s); }
 #endif
-// int16 pair sums -> int32 (the identity where dot_u8s8 gives int32 already).
-inline __m256i widen(__m256i v) {
-#if defined(LLK_VNNI)
-    return v;
-#else
-    return _mm256_madd_epi16(v, _mm256_set1_epi16(1));
-#endif
-}
 #endif
 
-// Weight formats, each a row of blocks of 32: `value` (one column, for the portable path), `block`
-// and `dot` (the SIMD path), `scale` of a block (multiplies dx), `min_term` (sum of m * sx over a
+// Weight formats, each a row of blocks of 32: `value` (one column, for the portable path), the
+// SIMD paths' blocks and their dot products (`block`/`sums` with 128-bit VNNI, `block256`/`sums256`
+// with AVX2 alone, `block2`/`dot2` with 512-bit VNNI), `scale` of a block (multiplies dx), `min_term` (sum of m * sx over a
 // row; 4-bit only) and `row_scale` (multiplies the row's output; per-row int8 only).
 
 // out[j] = convert(scales[(b0 + j) / per_group]) for j < 8, with one division.
@@ -270,15 +259,12 @@ struct Q4 {
         const __m128i packed = load16(bytes(row, b)), mask = _mm_set1_epi8(15);
         return {_mm_and_si128(packed, mask), _mm_and_si128(_mm_srli_epi16(packed, 4), mask)};
     }
-    // The block's products as 8 int16 sums of 4 (at most 4 * 15 * 127: no overflow), or 4 int32.
-    static __m128i sums(const Block& w, const int8_t* x) {
 #if defined(LLK_VNNI)
+    // The block's products as 4 int32 sums.
+    static __m128i sums(const Block& w, const int8_t* x) {
         return _mm_add_epi32(dot_u8s8(w.lo, load16(x)), dot_u8s8(w.hi, load16(x + 16)));
-#else
-        return _mm_add_epi16(dot_u8s8(w.lo, load16(x)), dot_u8s8(w.hi, load16(x + 16)));
-#endif
     }
-    static __m256i widen_sums(__m256i v) { return widen(v); }
+#else
     // The whole block as 32 unsigned bytes in column order.
     __m256i block256(int64_t row, int64_t b) const {
         const Block w = block(row, b);
@@ -288,6 +274,7 @@ struct Q4 {
     static __m256i sums256(__m256i w, const int8_t* x) {
         return _mm256_madd_epi16(_mm256_maddubs_epi16(w, load32(x)), _mm256_set1_epi16(1));
     }
+#endif
 #endif
 #if defined(LLK_VNNI512)
     // Blocks b and b + 1 as 64 unsigned bytes in column order: the 32 packed bytes, each 16-byte
@@ -341,39 +328,39 @@ struct Q8 {
         else std::fill(out, out + 8, 1.0f);
     }
 #if defined(LLK_INT_SIMD)
+    // The block's 32 values; per-row scales allow any k, so a row's last block may be short: its
+    // values copied into `tail`, zero-padded.
+    const int8_t* values(int64_t row, int64_t b, int8_t (&tail)[BLOCK]) const {
+        const int8_t* p = q + row * k + b * BLOCK;
+        if ((b + 1) * BLOCK <= k) return p;
+        std::memset(tail, 0, BLOCK);
+        std::memcpy(tail, p, k - b * BLOCK);
+        return tail;
+    }
+#if defined(LLK_VNNI)
     struct Block { __m128i lo, hi; };
     Block block(int64_t row, int64_t b) const {
-        const int8_t* p = q + row * k + b * BLOCK;
-        if ((b + 1) * BLOCK <= k) return {load16(p), load16(p + 16)};
-        alignas(16) int8_t tail[BLOCK] = {};  // per-row scales allow any k: the last block is short
-        std::memcpy(tail, p, k - b * BLOCK);
-        return {load16(tail), load16(tail + 16)};
+        int8_t tail[BLOCK];
+        const int8_t* v = values(row, b, tail);
+        return {load16(v), load16(v + 16)};
     }
-    // The sign trick: |q| is unsigned and qx takes q's sign (zero where q is zero). Two int16 pair
-    // sums may exceed int16, so each half is widened to int32 here: 4 int32 sums.
+    // The sign trick: |q| is unsigned and qx takes q's sign (zero where q is zero): 4 int32 sums.
     static __m128i sums(const Block& w, const int8_t* x) {
         const __m128i lo = dot_u8s8(_mm_sign_epi8(w.lo, w.lo), _mm_sign_epi8(load16(x), w.lo));
         const __m128i hi = dot_u8s8(_mm_sign_epi8(w.hi, w.hi), _mm_sign_epi8(load16(x + 16), w.hi));
-#if defined(LLK_VNNI)
         return _mm_add_epi32(lo, hi);
-#else
-        const __m128i ones = _mm_set1_epi16(1);
-        return _mm_add_epi32(_mm_madd_epi16(lo, ones), _mm_madd_epi16(hi, ones));
-#endif
     }
-    static __m256i widen_sums(__m256i v) { return v; }
+#else
     __m256i block256(int64_t row, int64_t b) const {
-        const int8_t* p = q + row * k + b * BLOCK;
-        if ((b + 1) * BLOCK <= k) return load32(p);
-        alignas(32) int8_t tail[BLOCK] = {};
-        std::memcpy(tail, p, k - b * BLOCK);
-        return load32(tail);
+        int8_t tail[BLOCK];
+        return load32(values(row, b, tail));
     }
     // The sign trick on 32 columns: 16 int16 pair sums (at most 2 * 128 * 127), widened to 8 int32.
     static __m256i sums256(__m256i w, const int8_t* x) {
         const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(load32(x), w));
         return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
     }
+#endif
 #endif
 #if defined(LLK_VNNI512)
     // Blocks b and b + 1 (whole, inside the row): 64 signed bytes; dot2 applies the sign trick.
@@ -412,7 +399,7 @@ inline void qpair(const Fmt& f, const QuantizedX& x, int64_t row, int64_t i0, in
             const int8_t* qx = x.row_q(i0 + i) + b * BLOCK;
             const __m128i s0 = Fmt::sums(w0, qx);
             const __m128i s1 = pair ? Fmt::sums(w1, qx + 4 * BLOCK) : _mm_setzero_si128();
-            const __m256i both = Fmt::widen_sums(_mm256_inserti128_si256(_mm256_castsi128_si256(s0), s1, 1));
+            const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(s0), s1, 1);
             const __m256 scale = _mm256_permute_ps(_mm256_load_ps(scales[r][i]), J * 0x55);
             acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(both), scale, acc[r][i]);
         }
