@@ -25,6 +25,7 @@ from llama.layers.linear import (
     is_compiling,
     native_products,
 )
+from llama.runtime.distributed import itemsize
 
 __all__ = [
     "Attention", "FeedForward", "ModelArgs", "RMSNorm", "Transformer", "TransformerBlock", "apply_rotary_emb",
@@ -209,7 +210,7 @@ def _lazy_zeros(shape: Tuple[int, ...]) -> torch.Tensor:
     count = math.prod(shape)
     if count == 0:
         return torch.zeros(shape)
-    memory = mmap.mmap(-1, count * torch.empty(0, dtype=dtype).element_size())
+    memory = mmap.mmap(-1, count * itemsize(dtype))
     return torch.frombuffer(memory, dtype=dtype, count=count).view(shape)
 
 

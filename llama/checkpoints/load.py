@@ -16,7 +16,8 @@ from llama.args import CheckpointError
 from llama.checkpoints.meta import IGNORED_KEYS, tensor_shape, unexpected_weights_error
 from llama.layers.compact import Q8Embedding
 from llama.layers.linear import LocalProduct, Packed, check_int4_columns, pack_weight
-from llama.runtime.host import HugePageArena, huge_page_arena, libc_function
+from llama.runtime.distributed import itemsize
+from llama.runtime.host import HugePageArena, huge_page_arena, madvise
 
 
 def load_into(
@@ -81,8 +82,6 @@ def load_into(
         else:
             source = state_dict[name]
             converted[k] = done[name] = _converted(source, device, dtype, arena)
-            if converted[k].untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
-                _page_out(source)
             del source  # a converted source's tensor is freed before the next one is read
     model.requires_grad_(False)  # inference only; lets int8 weights be parameters
     result = model.load_state_dict(converted, strict=False, assign=True)
@@ -101,24 +100,31 @@ def _dense_arena(
     once), or None."""
     if device.type != "cpu":
         return None
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    sizes = {names[k]: v.numel() * itemsize for k, v in expected.items() if k not in packed}
-    return huge_page_arena(sum(-(-size // 64) * 64 for size in sizes.values() if size >= _ARENA_MIN_BYTES))
+    sizes = {names[k]: v.numel() * itemsize(dtype) for k, v in expected.items() if k not in packed}
+    return huge_page_arena(sum(-(-size // 64) * 64 for size in sizes.values() if _in_arena(size)))
 
 
-# Smaller tensors (norms) stay in torch's memory: a model whose large weights are all packed
-# would otherwise hold a whole 2 MB page for its norms' few KB.
-_ARENA_MIN_BYTES = 1 << 18
+def _in_arena(nbytes: int) -> bool:
+    """Whether a weight of nbytes goes to the arena. Smaller ones (norms) stay in torch's memory:
+    a model whose large weights are all packed would otherwise hold a whole 2 MB page for its
+    norms' few KB."""
+    return nbytes >= 1 << 18
 
 
 def _converted(source: torch.Tensor, device: torch.device, dtype: torch.dtype, arena: Optional[HugePageArena]) -> torch.Tensor:
-    """source in (device, dtype): a large one copied into the arena where there is one (even a
-    source already in dtype: a memory-mapped shard's pages are 4 KB ones), else source.to's result."""
-    if arena is None or source.numel() * torch.empty(0, dtype=dtype).element_size() < _ARENA_MIN_BYTES:
-        return source.to(device=device, dtype=dtype)
+    """source in (device, dtype), its pages released once read: a large one copied into the arena
+    where there is one (even a source already in dtype: a memory-mapped shard's pages are 4 KB
+    ones), else source.to's result."""
+    if arena is None or not _in_arena(source.numel() * itemsize(dtype)):
+        converted = source.to(device=device, dtype=dtype)
+        if converted.untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
+            _page_out(source)
+        return converted
     copy = arena.empty(source.shape, dtype)
     if source.dim() == 0 or not source.is_contiguous() or source.device.type != "cpu":
-        return copy.copy_(source)
+        copy.copy_(source)
+        _page_out(source)
+        return copy
     # A slice at a time, each paged out once copied: the largest tensor (an embedding) is not
     # resident twice.
     rows = max(1, _COPY_BYTES // max(1, source[0].numel() * source.element_size()))
@@ -198,12 +204,9 @@ def _page_out_array(a: np.ndarray) -> None:
 
 
 def _page_out_range(start: int, size: int) -> None:
-    if _madvise is None:
+    if madvise is None:
         return
     end = start + size
     first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
-        _madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
-
-
-_madvise = libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
+        madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)

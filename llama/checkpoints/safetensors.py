@@ -17,6 +17,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 
 from llama.args import CheckpointError
+from llama.runtime.distributed import itemsize
 
 DTYPES: Dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -105,7 +106,7 @@ class SafetensorsFile:
         numel = 1
         for d in shape:
             numel *= d
-        nbytes = numel * _itemsize(dtype)
+        nbytes = numel * itemsize(dtype)
         if not 0 <= begin <= end <= data_size or end - begin != nbytes:
             raise SafetensorsError(
                 f"{self.path}: tensor {name!r} ({dtype_name}, shape {list(shape)}, {nbytes} bytes) has data_offsets "
@@ -175,7 +176,7 @@ def write_file(
         numel = 1
         for d in shape:
             numel *= d
-        nbytes = numel * _itemsize(dtype)
+        nbytes = numel * itemsize(dtype)
         header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         expected.append((name, dtype, shape))
         offset += nbytes
@@ -199,10 +200,6 @@ def write_file(
             del got, tensor  # before the next one is produced: one tensor in memory at a time
         if next(produced, None) is not None:
             raise SafetensorsError(f"{path}: more tensors were produced than the {len(expected)} in the header")
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:

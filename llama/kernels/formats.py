@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llama.runtime.distributed import itemsize
+
 BLOCK = 32  # columns per GGUF block
 
 # GGMLQuantizationType values (gguf is an optional dependency: its enum, a name or the int do).
@@ -132,7 +134,7 @@ def _copied(fields: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     of dtype that torch allocated: 64-byte aligned, where numpy's large arrays start 16 bytes into a
     page and put every 64-byte load of the kernels across two cache lines."""
     n, blocks, width = fields.shape
-    out = torch.empty(n, blocks * width // torch.empty(0, dtype=dtype).element_size(), dtype=dtype)
+    out = torch.empty(n, blocks * width // itemsize(dtype), dtype=dtype)
     out.numpy().view(np.uint8).reshape(n, blocks, width)[...] = fields
     return out
 

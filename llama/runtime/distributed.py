@@ -117,6 +117,11 @@ def dtype_named(dtype: Union[str, torch.dtype]) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes of one element of dtype."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def select_dtype(device: torch.device, dtype: Union[str, torch.dtype, None] = None) -> torch.dtype:
     """The given dtype, else bf16 on GPUs that support it (fp16 on older ones) and fp32 elsewhere."""
     if dtype is not None:

@@ -20,6 +20,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from llama.runtime.distributed import itemsize
+
 logger = logging.getLogger(__name__)
 
 ENV = "LLAMA_NUM_THREADS"
@@ -131,8 +133,8 @@ def release_freed_memory() -> None:
         _malloc_trim(0)
 
 
-
-_madvise = libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
+# madvise(address, length, advice), or None off Linux.
+madvise = libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
 _MADV_HUGEPAGE = 14
 HUGE_PAGE = 2 << 20
 _ALIGN = 64  # a cache line: the kernels' vector loads never straddle two
@@ -153,12 +155,12 @@ class HugePageArena:
         self._memory = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._bytes = torch.frombuffer(self._memory, dtype=torch.uint8)
         self._next = -self._bytes.data_ptr() % HUGE_PAGE  # huge pages cover 2 MB-aligned ranges
-        _madvise(self._bytes.data_ptr(), len(self._memory), _MADV_HUGEPAGE)
+        madvise(self._bytes.data_ptr(), len(self._memory), _MADV_HUGEPAGE)
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor in the arena (it keeps the whole mapping alive)."""
         count = math.prod(shape)
-        size = count * torch.empty(0, dtype=dtype).element_size()
+        size = count * itemsize(dtype)
         if self._next + size > self._bytes.numel():
             raise MemoryError(f"HugePageArena: {size} bytes asked, {self._bytes.numel() - self._next} left")
         start = self._next
@@ -169,7 +171,7 @@ class HugePageArena:
 def huge_page_arena(nbytes: int) -> Optional[HugePageArena]:
     """An arena of nbytes where the OS can give 2 MB pages on request (Linux), else None: torch's
     own allocations are as good there."""
-    if _madvise is None or nbytes <= 0:
+    if madvise is None or nbytes <= 0:
         return None
     try:
         return HugePageArena(nbytes)

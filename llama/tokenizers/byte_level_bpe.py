@@ -163,11 +163,10 @@ class ByteLevelBPETokenizer(Tokenizer):
         )
 
     def _read_vocab(self, source: str, vocab: Mapping[str, int], added: List[Dict[str, Any]]) -> None:
-        """Sets n_words, the bytes of every id (added tokens: their text) and bytes -> id."""
+        """Sets n_words and the bytes of every id (added tokens: their text); _vocab() derives bytes -> id."""
         self.n_words: int = 1 + max([*vocab.values(), *(a["id"] for a in added)], default=-1)
         self._id_bytes: List[Optional[bytes]] = [None] * self.n_words
         self._added_ids = added_ids = frozenset(a["id"] for a in added)
-        table: Dict[bytes, int] = {}
         for token, i in vocab.items():
             spelled = token_bytes(token)
             if spelled is None and i not in added_ids:
@@ -176,9 +175,7 @@ class ByteLevelBPETokenizer(Tokenizer):
                     f"GPT-2 byte alphabet: not a byte-level BPE vocabulary; {_HINT}"
                 )
             self._id_bytes[i] = spelled
-            if spelled is not None and i not in added_ids:
-                table[spelled] = i
-        self._vocab_bytes: Optional[Dict[bytes, int]] = table
+        self._vocab_bytes: Optional[Dict[bytes, int]] = None
         for a in added:
             self._id_bytes[a["id"]] = a["content"].encode("utf-8")
 
@@ -279,8 +276,8 @@ class ByteLevelBPETokenizer(Tokenizer):
         return self._vocab().get(name.encode("utf-8"))
 
     def _vocab(self) -> Dict[bytes, int]:
-        """bytes -> id of the vocabulary's own tokens (not added ones). Loading reads it, then drops
-        it (2.5 MB for 50,000 tokens); the exact path rebuilds it when it first needs it."""
+        """bytes -> id of the vocabulary's own tokens (not added ones), from _id_bytes. Loading builds
+        it, then drops it (2.5 MB for 50,000 tokens); the exact path rebuilds it when it first needs it."""
         if self._vocab_bytes is None:
             added = self._added_ids
             self._vocab_bytes = {b: i for i, b in enumerate(self._id_bytes) if b is not None and i not in added}
