@@ -405,9 +405,10 @@ inline void qpair(const Fmt& f, const QuantizedX& x, int64_t row, int64_t i0, in
         }
     }
 #else
-    // Whole 256-bit blocks (half the instructions where the CPU has 256-bit units; Zen 1 splits
-    // them and pays the same per byte): each block's 8 int32 sums, pairwise added across the two
-    // blocks into [b b b+4 b+4 | b b b+4 b+4], meet the scales in that order.
+    // Whole 256-bit blocks (half the instructions of 128-bit halves where the CPU has 256-bit units;
+    // Zen 1 splits them, and should pay about the same per byte: not measured there): each block's
+    // 8 int32 sums, pairwise added across the two blocks into [b b b+4 b+4 | b b b+4 b+4], meet
+    // the scales in that order.
     const __m256i order = _mm256_setr_epi32(J, J, J + 4, J + 4, J, J, J + 4, J + 4);
     for (int r = 0; r < R; ++r) {
         const __m256i w0 = f.block256(row + r, b);
