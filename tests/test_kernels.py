@@ -116,15 +116,21 @@ def test_linear_q4_on_gguf_blocks_matches_gguf_dequantized_weight(native):
     _close(kernels.linear_q4(x, kernels.q4_from_gguf(blocks, GGMLQuantizationType.Q4_1)), ref)
 
 
+def _identity_q4(k: int) -> kernels.Q4Weight:
+    """The (k, k) identity as 4-bit values with d = 1, m = 0: its product returns the quantized
+    activations bit for bit (int8's VNNI products add and remove an offset, which rounds)."""
+    halves = torch.eye(k, dtype=torch.uint8).view(k, k // 32, 2, 16)  # columns j and j + 16 of each block
+    ones = torch.ones(k, k // 32, dtype=torch.float16)
+    return kernels.Q4Weight((halves[:, :, 0] | halves[:, :, 1] << 4).reshape(k, k // 2), ones, torch.zeros_like(ones))
+
+
 def test_kernels_quantize_activations_as_quantize_activations_q8(native):
-    """An identity int8 weight with unit block scales returns the quantized activations bit for bit."""
+    """An identity weight returns the quantized activations bit for bit."""
     k = 96
     x = torch.randn(3, k) * torch.logspace(-3, 3, k)  # blocks of very different scales
     x[1, :32] = torch.cat([torch.tensor([127.0]), torch.arange(-15, 16) + 0.5])  # scale 1: ties
     x[2, 32:64] = 0  # an all-zero block
-    eye = torch.eye(k, dtype=torch.int8)
-    y = kernels.linear_q8(x, eye, torch.ones(k, k // 32))
-    assert torch.equal(y, _dequantized_activations(x))
+    assert torch.equal(kernels.linear_q4(x, _identity_q4(k)), _dequantized_activations(x))
 
 
 def test_quantize_activations_q8_divides_as_the_kernels_do(native):
@@ -132,8 +138,7 @@ def test_quantize_activations_q8_divides_as_the_kernels_do(native):
     reciprocal, which moves a few of these 98304 blocks' values to the other side of a half."""
     k = 96
     x = torch.randn(32768, k, generator=torch.Generator().manual_seed(0))
-    y = kernels.linear_q8(x, torch.eye(k, dtype=torch.int8), torch.ones(k, k // 32))
-    assert torch.equal(y, _dequantized_activations(x))
+    assert torch.equal(kernels.linear_q4(x, _identity_q4(k)), _dequantized_activations(x))
 
 
 def test_quantize_activations_q8_rounds_per_block_half_to_even():
@@ -292,13 +297,20 @@ def test_an_environment_variable_chooses_the_instruction_set(monkeypatch):
     assert "-march=native" in build.default_flags()
 
 
-@pytest.mark.parametrize("march,isa", [(None, "portable"), ("haswell", "avx2"), ("icelake-server", "avx512")])
-def test_each_instruction_set_build_matches_torch(native, march, isa):
-    """The plain C++ path (CPUs without AVX2), AVX2 and AVX-512 with VNNI, each built and called
-    directly where this CPU can run it, on shapes with partial blocks and groups."""
-    needed = {"avx2": ["avx2", "fma", "f16c"], "avx512": ["avx512f", "avx512bw", "avx512vl", "avx512_vnni"]}.get(isa, [])
+@pytest.mark.parametrize(
+    "march,isa,needed",
+    [
+        (None, "portable", []),
+        ("haswell", "avx2", ["avx2", "fma", "f16c"]),
+        ("alderlake", "avx2", ["avx2", "fma", "f16c", "avx_vnni"]),  # 128-bit VNNI integer products
+        ("icelake-server", "avx512", ["avx512f", "avx512bw", "avx512vl", "avx512_vnni"]),
+    ],
+)
+def test_each_instruction_set_build_matches_torch(native, march, isa, needed):
+    """The plain C++ path (CPUs without AVX2), AVX2 alone, AVX2 with AVX-VNNI and AVX-512 with VNNI,
+    each built and called directly where this CPU can run it, on shapes with partial blocks and groups."""
     if any(flag not in build.cpu_flags().split() for flag in needed):
-        pytest.skip(f"this CPU cannot run {isa} code")
+        pytest.skip(f"this CPU cannot run {march} code")
     flags = tuple(f for f in build.FLAGS if f != "-march=native") + ((f"-march={march}",) if march else ())
     lib = build.load(build.build(build.find_compiler(), flags))
     assert lib.llk_isa() == isa.encode()

@@ -102,10 +102,12 @@ struct QuantizedX {
     std::vector<int8_t> q;  // (m, blocks * 32), zero past k
     std::vector<float> d;   // (m, stride): the blocks' scales dx, zero past the row's blocks
     std::vector<float> s;   // (m, stride): dx * sum(qx)
+    std::vector<float> total;  // (m): the sum of a row's s
     int64_t blocks, stride;
     const int8_t* row_q(int64_t i) const { return q.data() + i * blocks * BLOCK; }
     const float* row_d(int64_t i) const { return d.data() + i * stride; }
     const float* row_s(int64_t i) const { return s.data() + i * stride; }
+    float row_total(int64_t i) const { return total[i]; }
 };
 
 // n <= 32 values -> q, with the block's scale and scaled sum. The C++ and torch sides round alike:
@@ -157,11 +159,14 @@ void quantize_x(const float* x, int64_t m, int64_t k, QuantizedX& out) {
     out.q.resize(m * out.blocks * BLOCK);
     out.d.assign(m * out.stride, 0.0f);
     out.s.assign(m * out.stride, 0.0f);
+    out.total.assign(m, 0.0f);
     for (int64_t i = 0; i < m; ++i)
-        for (int64_t b = 0; b < out.blocks; ++b)
+        for (int64_t b = 0; b < out.blocks; ++b) {
             quantize_block(x + i * k + b * BLOCK, static_cast<int>(std::min<int64_t>(BLOCK, k - b * BLOCK)),
                            out.q.data() + (i * out.blocks + b) * BLOCK, out.d.data() + i * out.stride + b,
                            out.s.data() + i * out.stride + b);
+            out.total[i] += out.s[i * out.stride + b];
+        }
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -188,7 +193,7 @@ inline __m128i dot_u8s8(__m128i u, __m128i s) { return _mm_dpbusd_avx_epi32(_mm_
 // Weight formats, each a row of blocks of 32: `value` (one column, for the portable path), the
 // SIMD paths' blocks and their dot products (`block`/`sums` with 128-bit VNNI, `block256`/`sums256`
 // with AVX2 alone, `block2`/`dot2` with 512-bit VNNI), `scale` of a block (multiplies dx), `min_term` (sum of m * sx over a
-// row; 4-bit only) and `row_scale` (multiplies the row's output; per-row int8 only).
+// row: 4-bit, and int8 with VNNI) and `row_scale` (multiplies the row's output; per-row int8 only).
 
 // out[j] = convert(scales[(b0 + j) / per_group]) for j < 8, with one division.
 template <class T, class Convert>
@@ -223,7 +228,9 @@ struct Q4 {
         prefetch(d + row * groups, rows * groups * 2);
         prefetch(m + row * groups, rows * groups * 2);
     }
-    float min_term(int64_t row, const float* sx, int64_t blocks) const {
+    float min_term(int64_t row, const QuantizedX& x, int64_t i) const {
+        const float* sx = x.row_s(i);
+        const int64_t blocks = x.blocks;
         const uint16_t* mins = m + row * groups;
         int64_t b = 0;
         float sum = 0.0f;
@@ -321,7 +328,22 @@ struct Q8 {
         prefetch(q + row * k, rows * k);
         prefetch(s + row * groups, rows * groups * 4);
     }
-    float min_term(int64_t, const float*, int64_t) const { return 0.0f; }
+    // VNNI multiplies unsigned by signed bytes into int32 sums without int16 saturation, so the
+    // products take q + 128 (one xor) in place of the sign trick's three instructions per vector
+    // (int8 products of SmolLM2's shapes on Zen 5: 4-12% faster in cache, ~7% from memory); the
+    // 128 * dx * sum(qx) this adds per block, times the block's scale, comes back out here.
+    float min_term(int64_t row, const QuantizedX& x, int64_t i) const {
+#if defined(LLK_VNNI)
+        if (!per_group) return -128.0f * x.row_total(i);
+        if (per_group == 1) return -128.0f * dot(s + row * groups, x.row_s(i), groups);
+        float sum = 0.0f;
+        for (int64_t b = 0; b < x.blocks; ++b) sum += scale(row, b) * x.row_s(i)[b];
+        return -128.0f * sum;
+#else
+        (void)row, (void)x, (void)i;
+        return 0.0f;
+#endif
+    }
     void scales8(int64_t row, int64_t b0, float* out) const {
         if (per_group == 1) std::memcpy(out, s + row * groups + b0, 8 * sizeof(float));
         else if (per_group) group_scales(s + row * groups, per_group, b0, out, [](float v) { return v; });
@@ -339,16 +361,15 @@ struct Q8 {
     }
 #if defined(LLK_VNNI)
     struct Block { __m128i lo, hi; };
+    // q + 128 as unsigned bytes (q xor 0x80).
     Block block(int64_t row, int64_t b) const {
         int8_t tail[BLOCK];
         const int8_t* v = values(row, b, tail);
-        return {load16(v), load16(v + 16)};
+        const __m128i flip = _mm_set1_epi8(-128);
+        return {_mm_xor_si128(load16(v), flip), _mm_xor_si128(load16(v + 16), flip)};
     }
-    // The sign trick: |q| is unsigned and qx takes q's sign (zero where q is zero): 4 int32 sums.
     static __m128i sums(const Block& w, const int8_t* x) {
-        const __m128i lo = dot_u8s8(_mm_sign_epi8(w.lo, w.lo), _mm_sign_epi8(load16(x), w.lo));
-        const __m128i hi = dot_u8s8(_mm_sign_epi8(w.hi, w.hi), _mm_sign_epi8(load16(x + 16), w.hi));
-        return _mm_add_epi32(lo, hi);
+        return _mm_add_epi32(dot_u8s8(w.lo, load16(x)), dot_u8s8(w.hi, load16(x + 16)));
     }
 #else
     __m256i block256(int64_t row, int64_t b) const {
@@ -363,17 +384,17 @@ struct Q8 {
 #endif
 #endif
 #if defined(LLK_VNNI512)
-    // Blocks b and b + 1 (whole, inside the row): 64 signed bytes; dot2 applies the sign trick.
-    __m512i block2(int64_t row, int64_t b) const { return _mm512_loadu_si512(q + row * k + b * BLOCK); }
-    // The row's last blocks from b: its columns up to k (at most 64), zeros after.
+    // Blocks b and b + 1 (whole, inside the row): 64 values q + 128 as unsigned bytes.
+    __m512i block2(int64_t row, int64_t b) const {
+        return _mm512_xor_si512(_mm512_loadu_si512(q + row * k + b * BLOCK), _mm512_set1_epi8(-128));
+    }
+    // The row's last blocks from b: its columns up to k (at most 64), 128 after (meeting qx = 0).
     __m512i last_blocks(int64_t row, int64_t b, int64_t columns) const {
         const int64_t n = std::min<int64_t>(64, columns - b * BLOCK);
-        return _mm512_maskz_loadu_epi8(n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1, q + row * k + b * BLOCK);
+        const __m512i w = _mm512_maskz_loadu_epi8(n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1, q + row * k + b * BLOCK);
+        return _mm512_xor_si512(w, _mm512_set1_epi8(-128));
     }
-    static __m512i dot2(__m512i w, __m512i xv) {
-        const __m512i signed_x = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(w), _mm512_setzero_si512(), xv);
-        return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), signed_x);
-    }
+    static __m512i dot2(__m512i w, __m512i x) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x); }
 #endif
 };
 
@@ -530,7 +551,7 @@ void qtile(const Fmt& f, const QProduct& p, int64_t row, int64_t i0) {
     for (int r = 0; r < R; ++r)
         for (int i = 0; i < M; ++i)
             p.y[(i0 + i) * p.ldy + row + r] =
-                (out[r][i] + f.min_term(row + r, x.row_s(i0 + i), x.blocks)) * f.row_scale(row + r);
+                (out[r][i] + f.min_term(row + r, x, i0 + i)) * f.row_scale(row + r);
 }
 
 template <class Fmt>

@@ -56,15 +56,6 @@ void project(const LlkLinear* parts, int64_t n_parts, int64_t total, const float
     llk_linear_parts(parts, n_parts, x, buf.data(), m);
 }
 
-float dot(const float* a, const float* b, int64_t n) {
-    S::V acc = S::zero();
-    int64_t i = 0;
-    for (; i + S::W <= n; i += S::W) acc = S::fma(S::load(a + i), S::load(b + i), acc);
-    float s = S::sum(acc);
-    for (; i < n; ++i) s += a[i] * b[i];
-    return s;
-}
-
 // e^x for each x[i], to about 1 ulp: e^x = 2^n * e^r with r = x - n ln 2, |r| <= ln 2 / 2, e^r by
 // its Taylor series to r^7 (error below 6e-9). Plain loops that the compiler vectorizes. Below
 // e^-87 (near the smallest normal float) the result is 0: subnormal floats slow every operation

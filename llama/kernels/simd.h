@@ -129,4 +129,14 @@ struct Simd {
 using Simd = Scalar;
 #endif
 
+// sum(a * b) over n floats: vectors of W, then the rest.
+inline float dot(const float* a, const float* b, int64_t n) {
+    Simd::V acc = Simd::zero();
+    int64_t i = 0;
+    for (; i + Simd::W <= n; i += Simd::W) acc = Simd::fma(Simd::load(a + i), Simd::load(b + i), acc);
+    float s = Simd::sum(acc);
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
 }  // namespace llk
