@@ -130,3 +130,24 @@ def test_loaded_large_cpu_weights_lie_in_huge_page_memory_and_norms_do_not(llama
     output = llama3.model.output.weight  # 128256 x 64 floats
     assert output.dtype == torch.float32 and "hg" in _vm_flags(output.data_ptr())
     assert "hg" not in _vm_flags(llama3.model.norm.weight.data_ptr())  # 64 floats: no 2 MB page for them
+
+
+@linux_only
+def test_compact_weights_lie_in_huge_page_memory(llama3_ckpt, llama3_tokenizer_path):
+    from llama import Llama
+
+    model = Llama.build(str(llama3_ckpt), str(llama3_tokenizer_path), max_seq_len=64, max_batch_size=1, weight_format="int4").model
+    attention, feed_forward = model.layers[0].attention, model.layers[0].feed_forward
+    stored = [attention.wqkv.weight, attention.wqkv.weight_min, feed_forward.w13.weight, attention.wo.weight,
+              feed_forward.w2.weight_scale, model.output.weight]
+    assert all("hg" in _vm_flags(t.data_ptr()) for t in stored)
+    assert attention.wq.weight.data_ptr() == attention.wqkv.weight.data_ptr()  # the fused weight's view, not a copy
+
+
+@linux_only
+def test_a_gguf_q8_embedding_and_its_tied_output_share_blocks_in_huge_page_memory(smollm2_gguf_path):
+    from llama import Llama
+
+    model = Llama.build(str(smollm2_gguf_path), None, max_seq_len=64, max_batch_size=1, weight_format="int4").model
+    assert model.tok_embeddings.q.data_ptr() == model.output.weight.data_ptr()
+    assert "hg" in _vm_flags(model.output.weight.data_ptr()) and "hg" in _vm_flags(model.output.weight_scale.data_ptr())

@@ -4,7 +4,7 @@ weights to a compact format, one tensor at a time, never holding the source and 
 import ctypes
 import mmap
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import numpy as np
@@ -101,7 +101,7 @@ def _dense_arena(
     if device.type != "cpu":
         return None
     sizes = {names[k]: v.numel() * itemsize(dtype) for k, v in expected.items() if k not in packed}
-    return huge_page_arena(sum(-(-size // 64) * 64 for size in sizes.values() if _in_arena(size)))
+    return huge_page_arena(HugePageArena.size_for(size for size in sizes.values() if _in_arena(size)))
 
 
 def _in_arena(nbytes: int) -> bool:
@@ -140,13 +140,19 @@ _COPY_BYTES = 16 << 20
 
 def _q8_embedding(state_dict: Mapping[str, torch.Tensor], key: str, weight_format: Optional[str], device: torch.device) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """The embedding's Q8_0 blocks as (int8 values, scales) when the source has them, the weights
-    are int8/int4 and one process holds the whole vocabulary; else None (loaded as floats)."""
+    are int8/int4 and one process holds the whole vocabulary; else None (loaded as floats).
+
+    On the CPU they lie in 2 MB pages, as compact.fuse_projections places the other compact
+    weights later: copied now, while little else is loaded, a tied output's copy does not add to
+    the load's peak memory."""
     if weight_format not in ("int8", "int4") or fs_init.get_model_parallel_world_size() != 1:
         return None
     found = _source_blocks(state_dict, key)
     if found is None or found[0] != "Q8_0":
         return None
-    return _packed(state_dict, key, "int8", device)  # the Q8_0 blocks as they are
+    blocks = found[1].nbytes // 34  # a Q8_0 block: fp16 scale and 32 int8 values
+    arena = huge_page_arena(HugePageArena.size_for((blocks * 32, blocks * 4))) if device.type == "cpu" else None
+    return _packed(state_dict, key, "int8", device, empty=arena.empty if arena is not None else torch.empty)
 
 
 def _source_blocks(state_dict: Mapping[str, torch.Tensor], key: str) -> Optional[Tuple[str, np.ndarray]]:
@@ -156,12 +162,14 @@ def _source_blocks(state_dict: Mapping[str, torch.Tensor], key: str) -> Optional
 
 
 def _packed(
-    state_dict: Mapping[str, torch.Tensor], key: str, weight_format: str, device: torch.device, output: bool = False
+    state_dict: Mapping[str, torch.Tensor], key: str, weight_format: str, device: torch.device, output: bool = False,
+    empty: Callable[..., torch.Tensor] = torch.empty,
 ) -> Tuple[Packed, Optional[torch.Tensor]]:
     """A linear weight in weight_format (pack_weight's result): from the source's quantized
     blocks where they fit the format, copied as they are, else quantized from its floats; under
     int4, the output projection from floats is quantized to int8 (llama.cpp's Q4 files keep it in
-    6-8 bits: SmolLM2's perplexity rose 6% with it in 4 bits, 0.1% with the rest)."""
+    6-8 bits: SmolLM2's perplexity rose 6% with it in 4 bits, 0.1% with the rest). Q8_0 blocks are
+    copied into memory from empty(shape, dtype=)."""
     found = _source_blocks(state_dict, key)
     if found is not None and weight_format != "bf16":
         qtype, data = found
@@ -172,7 +180,7 @@ def _packed(
         elif qtype == "Q8_0":
             # Under int4 too: llama.cpp's Q4 files keep their embedding (the tied output) in Q8_0,
             # and reading its blocks is exact where a second rounding to 4 bits is not.
-            q, scale = kernels.q8_from_gguf(data)
+            q, scale = kernels.q8_from_gguf(data, empty)
             packed = q.to(device), scale.to(device)
         if packed is not None:
             _page_out_array(data)

@@ -10,7 +10,7 @@ columns to int8, as llama.cpp's CPU backend does for Q4_0/Q4_1/Q8_0 weights.
 """
 
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Callable, Tuple, Union
 
 import numpy as np
 import torch
@@ -129,12 +129,12 @@ def _blocks(data: Blocks, qtype: int) -> np.ndarray:
     return array.reshape(-1, array.shape[-1] // size, size)
 
 
-def _copied(fields: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+def _copied(fields: np.ndarray, dtype: torch.dtype, empty: Callable[..., torch.Tensor] = torch.empty) -> torch.Tensor:
     """The bytes of fields (n, blocks, width) copied into a new tensor (n, blocks * width // itemsize)
-    of dtype that torch allocated: 64-byte aligned, where numpy's large arrays start 16 bytes into a
-    page and put every 64-byte load of the kernels across two cache lines."""
+    of dtype from empty (torch's allocator by default): 64-byte aligned, where numpy's large arrays
+    start 16 bytes into a page and put every 64-byte load of the kernels across two cache lines."""
     n, blocks, width = fields.shape
-    out = torch.empty(n, blocks * width // itemsize(dtype), dtype=dtype)
+    out = empty((n, blocks * width // itemsize(dtype)), dtype=dtype)
     out.numpy().view(np.uint8).reshape(n, blocks, width)[...] = fields
     return out
 
@@ -161,7 +161,9 @@ def q4_from_gguf(data: Blocks, qtype: QType) -> Q4Weight:
     return Q4Weight(_copied(quants, torch.uint8), d, m)
 
 
-def q8_from_gguf(data: Blocks) -> Tuple[torch.Tensor, torch.Tensor]:
-    """GGUF Q8_0 blocks (uint8, (n, row_bytes)) -> (int8 (n, k), float32 scales (n, k // 32))."""
+def q8_from_gguf(data: Blocks, empty: Callable[..., torch.Tensor] = torch.empty) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GGUF Q8_0 blocks (uint8, (n, row_bytes)) -> (int8 (n, k), float32 scales (n, k // 32)),
+    allocated by empty(shape, dtype=) (the loader's 2 MB-page memory, or torch's)."""
     blocks = _blocks(data, _GGUF_TYPES["Q8_0"])
-    return _copied(blocks[..., 2:], torch.int8), _half(blocks[..., 0:2]).float()
+    scale = empty(blocks.shape[:2], dtype=torch.float32).copy_(_half(blocks[..., 0:2]))
+    return _copied(blocks[..., 2:], torch.int8, empty), scale

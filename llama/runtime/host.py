@@ -16,7 +16,7 @@ import mmap
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -166,6 +166,15 @@ class HugePageArena:
         start = self._next
         self._next = -(-(start + size) // _ALIGN) * _ALIGN
         return self._bytes[start:start + size].view(dtype).view(tuple(shape))
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        """t's values in the arena."""
+        return self.empty(t.shape, t.dtype).copy_(t)
+
+    @staticmethod
+    def size_for(nbytes: Iterable[int]) -> int:
+        """The bytes an arena needs for tensors of these sizes (each starts on a cache line)."""
+        return sum(-(-n // _ALIGN) * _ALIGN for n in nbytes)
 
 
 def huge_page_arena(nbytes: int) -> Optional[HugePageArena]:
