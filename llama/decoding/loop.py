@@ -184,13 +184,51 @@ def _sample(last_logits: torch.Tensor, temperature: float, top_p: float) -> torc
     """(bsz, vocab) logits of the last position -> (bsz,) next tokens: argmax, or a top-p sample."""
     if temperature > 0:
         probs = torch.softmax(last_logits / temperature, dim=-1)
-        return sample_top_p(probs, top_p).reshape(-1)
+        return _sample_top_p(probs, top_p).reshape(-1)
     return torch.argmax(last_logits, dim=-1).reshape(-1)
 
 
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, pad_id: int) -> torch.Tensor:
     """log p(target) for each position: logits (bsz, seqlen, vocab), targets (bsz, seqlen); 0 at pads."""
     return -F.cross_entropy(input=logits.transpose(1, 2), target=targets, reduction="none", ignore_index=pad_id)
+
+
+# How many of the most likely tokens _sample_top_p looks among for the nucleus, in turn.
+_CANDIDATES = (256, 4096)
+
+
+def _sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """sample_top_p's draw (the same token and random numbers) without sorting the vocabulary.
+
+    sample_top_p sorts every probability to find the few that the nucleus keeps: ~1.5 ms a row
+    for SmolLM2's 49152 tokens on a 2-core EPYC, a fifth of an int4 decode step. Here the most
+    likely candidates come from topk, in the same descending order of the same values: their
+    cumulative sums, mask and normalisation are sample_top_p's bit for bit, in a vector of the
+    vocabulary's length (zeros past the nucleus), so torch.multinomial draws the same position
+    from it. sample_top_p itself runs where that could differ: the nucleus may reach past the
+    candidates, or equal probabilities in it, which sort and topk may order differently.
+    """
+    vocab = probs.shape[-1]
+    for k in _CANDIDATES:
+        if k >= vocab or probs.dtype != torch.float32:
+            break
+        top, index = torch.topk(probs, k, dim=-1)
+        probs_sum = torch.cumsum(top, dim=-1)
+        kept = probs_sum - top <= p
+        count = kept.sum(dim=-1, keepdim=True)
+        # Past the candidates sample_top_p keeps nothing when they already add up past p: 1e-6
+        # above p covers its float rounding (below 1e-7 on sums of at most 1).
+        if not bool((probs_sum[:, -1:] > p + 1e-6).all()) or bool((count >= k).any()):
+            continue
+        tied = (top[:, 1:] == top[:, :-1]) & (torch.arange(1, k, device=probs.device) <= count)
+        if bool(tied.any()):
+            break
+        probs_sort = torch.zeros_like(probs)
+        probs_sort[:, :k] = top.masked_fill_(~kept, 0.0)
+        probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+        next_token = torch.multinomial(probs_sort, num_samples=1)
+        return torch.gather(index, -1, next_token)
+    return sample_top_p(probs, p)
 
 
 def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
