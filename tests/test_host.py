@@ -145,6 +145,23 @@ def test_compact_weights_lie_in_huge_page_memory(llama3_ckpt, llama3_tokenizer_p
 
 
 @linux_only
+def test_compact_weights_give_the_same_logits_without_huge_pages(monkeypatch, llama3_ckpt, llama3_tokenizer_path):
+    from llama import Llama
+    from llama.layers import compact
+
+    def build():
+        return Llama.build(str(llama3_ckpt), str(llama3_tokenizer_path), max_seq_len=64, max_batch_size=1, weight_format="int8").model
+
+    tokens = torch.tensor([[1, 50, 900, 7]])
+    with_arena = build()
+    monkeypatch.setattr(compact, "huge_page_arena", lambda nbytes: None)  # as off Linux, or where mmap is refused
+    without = build()
+    assert "hg" in _vm_flags(with_arena.layers[0].attention.wqkv.weight.data_ptr())
+    assert "hg" not in _vm_flags(without.layers[0].attention.wqkv.weight.data_ptr())
+    assert torch.equal(with_arena.forward(tokens, 0), without.forward(tokens, 0))
+
+
+@linux_only
 def test_a_gguf_q8_embedding_and_its_tied_output_share_blocks_in_huge_page_memory(smollm2_gguf_path):
     from llama import Llama
 
