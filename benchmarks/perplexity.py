@@ -88,7 +88,8 @@ def run_row(spec: dict) -> dict:
 
 
 def render_table(rows: List[dict], meta: dict) -> str:
-    exact = next((r["ppl"] for r in rows if r["label"] == "exact"), None)
+    # Each row against the exact row scored the same way (prefills or decode steps), else the other.
+    exact = {label: next((r["ppl"] for r in rows if r["label"] == label), None) for label in ("exact", "exact, decode steps")}
     lines = [
         f"SmolLM2-135M-Instruct ({meta['gguf']}) on {meta['play']}: {meta['n_chunks']} chunks of {meta['n_ctx']} tokens, "
         f"{meta['n_scored']} scored; {meta['cpu']}, {meta['threads']} threads",
@@ -97,7 +98,9 @@ def render_table(rows: List[dict], meta: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        versus = f"{100 * (r['ppl'] / exact - 1):+.2f}%" if exact and r["label"] != "exact" else ""
+        same, other = ("exact, decode steps", "exact") if r["label"].endswith("decode steps") else ("exact", "exact, decode steps")
+        reference = exact[same] or exact[other]
+        versus = f"{100 * (r['ppl'] / reference - 1):+.2f}%" if reference and not r["label"].startswith("exact") else ""
         lines.append(f"| {r['label']} | {r['ppl']:.4f} +/- {r['stderr']:.4f} | {versus} | {r['tokens_per_second']:.1f} | "
                      f"{r['peak_rss_bytes'] / 2**30:.2f} GiB |")
     return "\n".join(lines)
