@@ -11,7 +11,7 @@ from llama.args import ModelArgs
 from llama.checkpoints.gguf import gguf_name
 from llama.checkpoints.load import load_into
 from llama.checkpoints.source import ConvertedShard, read_as_meta
-from llama.kernels import Q4Weight, dequantize_q4, dequantize_q8
+from llama.kernels import Q4Weight, dequantize_q4, dequantize_q8, quantize_q8
 from llama.layers.linear import LocalProduct
 from llama.model import Transformer
 from llama.runtime.distributed import default_device_and_dtype
@@ -86,10 +86,12 @@ def test_without_a_compact_format_the_embedding_is_the_dequantized_table(tiny, m
 
 
 def test_other_types_are_quantized_from_their_floats_under_int8(tiny, model_parallel):
-    model = tiny_model(tiny, "int8")
-    # Q4_0 (w2) and F16 (wq) are not int8 blocks: per-row int8 like any float checkpoint's.
-    assert model.layers[0].feed_forward.w2.weight_scale.dim() == 1
-    assert model.layers[0].attention.wq.weight_scale.dim() == 1
+    model, reader = tiny_model(tiny, "int8"), gguf.GGUFReader(tiny)
+    # Q4_0 (w2) and F16 (wq) are not int8 blocks: quantized from their floats, a scale per 32
+    # columns, like any float checkpoint's.
+    for key in ("layers.0.feed_forward.w2.weight", "layers.0.attention.wq.weight"):
+        q, scale = quantize_q8(gguf_floats(reader, key).float(), 32)
+        assert torch.equal(linear(model, key).weight, q) and torch.equal(linear(model, key).weight_scale, scale), key
 
 
 def test_q4_0_blocks_load_as_int4_groups_under_int4(tiny, model_parallel):

@@ -212,11 +212,20 @@ def test_results_do_not_depend_on_the_number_of_threads(native):
 
 # --- formats ---
 
-def test_quantize_q8_is_linear_pack_weight_int8():
-    w = torch.randn(30, 70)
-    q, scale = kernels.quantize_q8(w)
+@pytest.mark.parametrize("k,group", [(96, 32), (70, None)])  # per 32 columns; per row where 32 does not divide k
+def test_quantize_q8_is_linear_pack_weight_int8(k, group):
+    w = torch.randn(30, k)
+    q, scale = kernels.quantize_q8(w, group)
     q_ref, scale_ref = pack_weight(w, "int8", torch.device("cpu"))
     assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+
+
+def test_quantize_q8_per_group_rounds_each_block_to_its_own_scale():
+    w = torch.randn(4, 64)
+    w[:, 40] = 100.0  # an outlier in the second block leaves the first block's scale alone
+    q, scale = kernels.quantize_q8(w, 32)
+    assert scale.shape == (4, 2) and torch.equal(scale[:, 0], w[:, :32].abs().amax(dim=1) / 127)
+    assert (kernels.dequantize_q8(q, scale)[:, :32] - w[:, :32]).abs().max() <= scale[:, 0].max() / 2 + 1e-6
 
 
 def test_quantize_q4_rounds_to_the_nearest_level():

@@ -71,8 +71,8 @@ def test_bf16_weights_on_two_processes_equal_one_process(sharded, llama3_tokeniz
 
 
 def test_int8_weights_run_on_two_processes(sharded, llama3_tokenizer_path):
-    # int8 scales each output row over the columns a process holds, so a row-parallel weight is
-    # quantized per slice: close to, not the same as, one process. It must still run.
+    # A process quantizes the slice it holds (per 32 columns, or per row where its slice's columns
+    # do not split into 32s): close to, not always the same as, one process. It must still run.
     common = ["example_text_completion.py", "--tokenizer_path", llama3_tokenizer_path, "--max_gen_len", 12,
               "--temperature", 0, "--weight_format", "int8", "--ckpt_dir", sharded("llama3")[2]]
     assert run(common, nproc=2).stdout.count("==================================") == 4

@@ -27,7 +27,7 @@ def tokens(n: int) -> torch.Tensor:
 
 
 # Largest logit error allowed, as a fraction of the largest logit. int8 decoding also rounds
-# activations and products to bf16 (torch's int8 kernel), hence its wider bound. int4 rounds each
+# activations to int8 per block (llama.kernels), hence its wider bound. int4 rounds each
 # weight to one of 16 levels (max - min) / 15 apart in its group of 32: on Gaussian weights an rms
 # error of ~8% of the weights' scale, and each of the ~5 products on a path through these two
 # layers adds its own: measured 0.15-0.19 here. test_int4_products_are_its_dequantized_weights

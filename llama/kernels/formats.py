@@ -1,8 +1,9 @@
 """Compact weight formats for the CPU kernels: how they are packed from a float weight or from GGUF
 blocks, and how they dequantize (the reference the kernels agree with).
 
-- int8: q (n, k) int8 and float32 scales (n,) (one per output row, as llama/layers/linear.py's
-  pack_weight makes) or (n, k // 32) (one per GGUF Q8_0 block); value = q * scale.
+- int8: q (n, k) int8 and float32 scales (n, k // 32) (one per block of 32 columns, as GGUF Q8_0
+  and llama/layers/linear.py's pack_weight make) or (n,) (one per output row, where k is not a
+  multiple of 32); value = q * scale.
 - 4-bit: Q4Weight, GGUF Q4_0/Q4_1 blocks with their scales pulled out beside the nibbles.
 
 Products with either quantize the activations too (quantize_activations_q8), per block of 32
@@ -10,7 +11,7 @@ columns to int8, as llama.cpp's CPU backend does for Q4_0/Q4_1/Q8_0 weights.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -53,12 +54,17 @@ class Q4Weight:
         return self.shape[1] // self.d.shape[1]
 
 
-def quantize_q8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A float weight (n, k) -> (int8 (n, k), float32 scales (n,)): symmetric per output row."""
-    w = w.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+def quantize_q8(w: torch.Tensor, group: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A float weight (n, k) -> (int8 (n, k), float32 scales): symmetric, one scale per output row
+    ((n,)) or, given a group of columns (a multiple of 32 dividing k), per group ((n, k // group),
+    GGUF Q8_0's layout with group 32)."""
+    n, k = w.shape
+    if group is not None and (group % BLOCK or k % group):
+        raise ValueError(f"quantize_q8: group {group} must be a multiple of {BLOCK} dividing k = {k}")
+    g = w.float().reshape(n, 1 if group is None else k // group, -1)
+    scale = g.abs().amax(dim=2).clamp(min=1e-12) / 127.0
+    q = torch.round(g / scale[:, :, None]).clamp(-127, 127).to(torch.int8).reshape(n, k)
+    return q, scale.reshape(n) if group is None else scale
 
 
 def dequantize_q8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
