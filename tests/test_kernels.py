@@ -116,12 +116,14 @@ def test_linear_q4_on_gguf_blocks_matches_gguf_dequantized_weight(native):
     _close(kernels.linear_q4(x, kernels.q4_from_gguf(blocks, GGMLQuantizationType.Q4_1)), ref)
 
 
-def _identity_q4(k: int) -> kernels.Q4Weight:
-    """The (k, k) identity as 4-bit values with d = 1, m = 0: its product returns the quantized
-    activations bit for bit (int8's VNNI products add and remove an offset, which rounds)."""
+def _identity_products(x: torch.Tensor) -> list:
+    """x times the (k, k) identity as int8 (unit block scales) and as 4-bit values (d = 1, m = 0):
+    each returns the quantized activations bit for bit."""
+    k = x.shape[1]
     halves = torch.eye(k, dtype=torch.uint8).view(k, k // 32, 2, 16)  # columns j and j + 16 of each block
     ones = torch.ones(k, k // 32, dtype=torch.float16)
-    return kernels.Q4Weight((halves[:, :, 0] | halves[:, :, 1] << 4).reshape(k, k // 2), ones, torch.zeros_like(ones))
+    q4 = kernels.Q4Weight((halves[:, :, 0] | halves[:, :, 1] << 4).reshape(k, k // 2), ones, torch.zeros_like(ones))
+    return [kernels.linear_q8(x, torch.eye(k, dtype=torch.int8), torch.ones(k, k // 32)), kernels.linear_q4(x, q4)]
 
 
 def test_kernels_quantize_activations_as_quantize_activations_q8(native):
@@ -130,7 +132,7 @@ def test_kernels_quantize_activations_as_quantize_activations_q8(native):
     x = torch.randn(3, k) * torch.logspace(-3, 3, k)  # blocks of very different scales
     x[1, :32] = torch.cat([torch.tensor([127.0]), torch.arange(-15, 16) + 0.5])  # scale 1: ties
     x[2, 32:64] = 0  # an all-zero block
-    assert torch.equal(kernels.linear_q4(x, _identity_q4(k)), _dequantized_activations(x))
+    assert all(torch.equal(y, _dequantized_activations(x)) for y in _identity_products(x))
 
 
 def test_quantize_activations_q8_divides_as_the_kernels_do(native):
@@ -138,7 +140,7 @@ def test_quantize_activations_q8_divides_as_the_kernels_do(native):
     reciprocal, which moves a few of these 98304 blocks' values to the other side of a half."""
     k = 96
     x = torch.randn(32768, k, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(kernels.linear_q4(x, _identity_q4(k)), _dequantized_activations(x))
+    assert all(torch.equal(y, _dequantized_activations(x)) for y in _identity_products(x))
 
 
 def test_quantize_activations_q8_rounds_per_block_half_to_even():

@@ -102,12 +102,14 @@ struct QuantizedX {
     std::vector<int8_t> q;  // (m, blocks * 32), zero past k
     std::vector<float> d;   // (m, stride): the blocks' scales dx, zero past the row's blocks
     std::vector<float> s;   // (m, stride): dx * sum(qx)
-    std::vector<float> total;  // (m): the sum of a row's s
+    // (m, stride * 8) and 16 more: per block, -128 times the sum of each 4 neighbouring qx (columns
+    // 4l..4l+3 for l < 8), where a VNNI product's int32 lanes start when it takes q + 128 (Q8, below).
+    std::vector<int32_t> offset;
     int64_t blocks, stride;
     const int8_t* row_q(int64_t i) const { return q.data() + i * blocks * BLOCK; }
     const float* row_d(int64_t i) const { return d.data() + i * stride; }
     const float* row_s(int64_t i) const { return s.data() + i * stride; }
-    float row_total(int64_t i) const { return total[i]; }
+    const int32_t* row_offset(int64_t i) const { return offset.data() + i * stride * 8; }
 };
 
 // n <= 32 values -> q, with the block's scale and scaled sum. The C++ and torch sides round alike:
@@ -159,13 +161,21 @@ void quantize_x(const float* x, int64_t m, int64_t k, QuantizedX& out) {
     out.q.resize(m * out.blocks * BLOCK);
     out.d.assign(m * out.stride, 0.0f);
     out.s.assign(m * out.stride, 0.0f);
-    out.total.assign(m, 0.0f);
+    out.offset.assign(m * out.stride * 8 + 16, 0);  // a pair's 16 lanes may start at the last row's end
     for (int64_t i = 0; i < m; ++i)
         for (int64_t b = 0; b < out.blocks; ++b) {
-            quantize_block(x + i * k + b * BLOCK, static_cast<int>(std::min<int64_t>(BLOCK, k - b * BLOCK)),
-                           out.q.data() + (i * out.blocks + b) * BLOCK, out.d.data() + i * out.stride + b,
-                           out.s.data() + i * out.stride + b);
-            out.total[i] += out.s[i * out.stride + b];
+            int8_t* q = out.q.data() + (i * out.blocks + b) * BLOCK;
+            quantize_block(x + i * k + b * BLOCK, static_cast<int>(std::min<int64_t>(BLOCK, k - b * BLOCK)), q,
+                           out.d.data() + i * out.stride + b, out.s.data() + i * out.stride + b);
+            int32_t* offset = out.offset.data() + (i * out.stride + b) * 8;
+#if defined(__AVX2__)
+            const __m256i fours = _mm256_madd_epi16(  // 1 * q summed in pairs, then pairs of pairs
+                _mm256_maddubs_epi16(_mm256_set1_epi8(1), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))),
+                _mm256_set1_epi16(1));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(offset), _mm256_slli_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), fours), 7));
+#else
+            for (int l = 0; l < 8; ++l) offset[l] = -128 * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+#endif
         }
 }
 
@@ -180,20 +190,29 @@ inline __m256i load32(const void* p) { return _mm256_loadu_si256(static_cast<con
 #define LLK_VNNI512 1
 #endif
 // With VNNI, products in 128-bit halves of a block (16 columns): 16 unsigned bytes times 16 signed
-// bytes -> 4 int32 sums of 4 neighbours. Without, whole 256-bit blocks through maddubs (qpair).
+// bytes -> 4 int32 sums of 4 neighbours, added to acc. Without, whole 256-bit blocks through
+// maddubs (qpair).
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define LLK_VNNI 1
-inline __m128i dot_u8s8(__m128i u, __m128i s) { return _mm_dpbusd_epi32(_mm_setzero_si128(), u, s); }
+inline __m128i dot_u8s8(__m128i acc, __m128i u, __m128i s) { return _mm_dpbusd_epi32(acc, u, s); }
 #elif defined(__AVXVNNI__)
 #define LLK_VNNI 1
-inline __m128i dot_u8s8(__m128i u, __m128i s) { return _mm_dpbusd_avx_epi32(_mm_setzero_si128(), u, s); }
+inline __m128i dot_u8s8(__m128i acc, __m128i u, __m128i s) { return _mm_dpbusd_avx_epi32(acc, u, s); }
+#endif
+struct Block128 { __m128i lo, hi; };  // a block's columns 0..15 and 16..31
+#if defined(LLK_VNNI)
+// The block's products with 32 signed bytes as 4 int32 sums, added to start.
+inline __m128i block_sums(__m128i start, const Block128& w, const int8_t* x) {
+    return dot_u8s8(dot_u8s8(start, w.lo, load16(x)), w.hi, load16(x + 16));
+}
 #endif
 #endif
 
 // Weight formats, each a row of blocks of 32: `value` (one column, for the portable path), the
-// SIMD paths' blocks and their dot products (`block`/`sums` with 128-bit VNNI, `block256`/`sums256`
-// with AVX2 alone, `block2`/`dot2` with 512-bit VNNI), `scale` of a block (multiplies dx), `min_term` (sum of m * sx over a
-// row: 4-bit, and int8 with VNNI) and `row_scale` (multiplies the row's output; per-row int8 only).
+// SIMD paths' blocks as unsigned bytes (`block` with 128-bit VNNI, `block2` with 512-bit VNNI,
+// `block256` with AVX2 alone, which also has its own dot products `sums256`), `kOffset` (VNNI
+// sums start from QuantizedX::offset: int8), `scale` of a block (multiplies dx), `min_term` (sum
+// of m * sx over a row; 4-bit only) and `row_scale` (multiplies the row's output; per-row int8 only).
 
 // out[j] = convert(scales[(b0 + j) / per_group]) for j < 8, with one division.
 template <class T, class Convert>
@@ -209,6 +228,7 @@ inline void group_scales(const T* scales, int64_t per_group, int64_t b0, float* 
 // 32 columns 16 bytes, byte j holding column j (low nibble) and column j + 16 (high nibble).
 struct Q4 {
     static constexpr int kRows = 4;  // weight rows a tile takes for 1-2 activation rows
+    static constexpr bool kOffset = false;
     const uint8_t* qs;
     const uint16_t* d;
     const uint16_t* m;
@@ -261,20 +281,14 @@ struct Q4 {
         group_scales(d + row * groups, per_group, b0, out, half_to_float);
     }
 #if defined(LLK_INT_SIMD)
-    struct Block { __m128i lo, hi; };  // columns 0..15 and 16..31 as bytes 0..15
-    Block block(int64_t row, int64_t b) const {
+    Block128 block(int64_t row, int64_t b) const {
         const __m128i packed = load16(bytes(row, b)), mask = _mm_set1_epi8(15);
         return {_mm_and_si128(packed, mask), _mm_and_si128(_mm_srli_epi16(packed, 4), mask)};
     }
-#if defined(LLK_VNNI)
-    // The block's products as 4 int32 sums.
-    static __m128i sums(const Block& w, const int8_t* x) {
-        return _mm_add_epi32(dot_u8s8(w.lo, load16(x)), dot_u8s8(w.hi, load16(x + 16)));
-    }
-#else
+#if !defined(LLK_VNNI)
     // The whole block as 32 unsigned bytes in column order.
     __m256i block256(int64_t row, int64_t b) const {
-        const Block w = block(row, b);
+        const Block128 w = block(row, b);
         return _mm256_inserti128_si256(_mm256_castsi128_si256(w.lo), w.hi, 1);
     }
     // The block's products as 8 int32 sums of 4 (at most 4 * 15 * 127 each).
@@ -299,7 +313,6 @@ struct Q4 {
         const __mmask32 mask = (b + 2) * BLOCK <= k ? ~__mmask32{0} : __mmask32{0xffff};
         return expand2(_mm256_maskz_loadu_epi8(mask, bytes(row, b)));
     }
-    static __m512i dot2(__m512i w, __m512i x) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x); }
 #endif
 };
 
@@ -312,6 +325,11 @@ struct Q8 {
     static constexpr int kRows = 2;
 #else
     static constexpr int kRows = 4;
+#endif
+#if defined(LLK_VNNI)
+    static constexpr bool kOffset = true;  // see block()
+#else
+    static constexpr bool kOffset = false;
 #endif
     const int8_t* q;
     const float* s;
@@ -328,22 +346,7 @@ struct Q8 {
         prefetch(q + row * k, rows * k);
         prefetch(s + row * groups, rows * groups * 4);
     }
-    // VNNI multiplies unsigned by signed bytes into int32 sums without int16 saturation, so the
-    // products take q + 128 (one xor) in place of the sign trick's three instructions per vector
-    // (int8 products of SmolLM2's shapes on Zen 5: 4-12% faster in cache, ~7% from memory); the
-    // 128 * dx * sum(qx) this adds per block, times the block's scale, comes back out here.
-    float min_term(int64_t row, const QuantizedX& x, int64_t i) const {
-#if defined(LLK_VNNI)
-        if (!per_group) return -128.0f * x.row_total(i);
-        if (per_group == 1) return -128.0f * dot(s + row * groups, x.row_s(i), groups);
-        float sum = 0.0f;
-        for (int64_t b = 0; b < x.blocks; ++b) sum += scale(row, b) * x.row_s(i)[b];
-        return -128.0f * sum;
-#else
-        (void)row, (void)x, (void)i;
-        return 0.0f;
-#endif
-    }
+    float min_term(int64_t, const QuantizedX&, int64_t) const { return 0.0f; }
     void scales8(int64_t row, int64_t b0, float* out) const {
         if (per_group == 1) std::memcpy(out, s + row * groups + b0, 8 * sizeof(float));
         else if (per_group) group_scales(s + row * groups, per_group, b0, out, [](float v) { return v; });
@@ -360,16 +363,16 @@ struct Q8 {
         return tail;
     }
 #if defined(LLK_VNNI)
-    struct Block { __m128i lo, hi; };
-    // q + 128 as unsigned bytes (q xor 0x80).
-    Block block(int64_t row, int64_t b) const {
+    // VNNI multiplies unsigned by signed bytes into int32 sums without int16 saturation, so the
+    // products take q + 128 (one xor) in place of the sign trick's three instructions per vector,
+    // each int32 lane starting from -128 times the sum of its qx (QuantizedX::offset): the same
+    // integers, lane for lane (int8 products of SmolLM2's shapes on Zen 5: 4-12% faster in cache,
+    // ~7% from memory).
+    Block128 block(int64_t row, int64_t b) const {
         int8_t tail[BLOCK];
         const int8_t* v = values(row, b, tail);
         const __m128i flip = _mm_set1_epi8(-128);
         return {_mm_xor_si128(load16(v), flip), _mm_xor_si128(load16(v + 16), flip)};
-    }
-    static __m128i sums(const Block& w, const int8_t* x) {
-        return _mm_add_epi32(dot_u8s8(w.lo, load16(x)), dot_u8s8(w.hi, load16(x + 16)));
     }
 #else
     __m256i block256(int64_t row, int64_t b) const {
@@ -394,7 +397,6 @@ struct Q8 {
         const __m512i w = _mm512_maskz_loadu_epi8(n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1, q + row * k + b * BLOCK);
         return _mm512_xor_si512(w, _mm512_set1_epi8(-128));
     }
-    static __m512i dot2(__m512i w, __m512i x) { return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x); }
 #endif
 };
 
@@ -414,12 +416,17 @@ inline void qpair(const Fmt& f, const QuantizedX& x, int64_t row, int64_t i0, in
 #if defined(LLK_VNNI)
     // 128-bit dot products (AVX-VNNI): each block's 4 int32 sums fill one half of the vector.
     for (int r = 0; r < R; ++r) {
-        const typename Fmt::Block w0 = f.block(row + r, b);
-        const typename Fmt::Block w1 = pair ? f.block(row + r, b + 4) : typename Fmt::Block{};
+        const Block128 w0 = f.block(row + r, b);
+        const Block128 w1 = pair ? f.block(row + r, b + 4) : Block128{};
         for (int i = 0; i < M; ++i) {
             const int8_t* qx = x.row_q(i0 + i) + b * BLOCK;
-            const __m128i s0 = Fmt::sums(w0, qx);
-            const __m128i s1 = pair ? Fmt::sums(w1, qx + 4 * BLOCK) : _mm_setzero_si128();
+            // Lane l sums columns 4l..4l+3 and 16+4l..16+4l+3: its offset is lanes l and l + 4's.
+            const int32_t* offset = x.row_offset(i0 + i) + b * 8;
+            const __m128i zero = _mm_setzero_si128();
+            const __m128i start0 = Fmt::kOffset ? _mm_add_epi32(load16(offset), load16(offset + 4)) : zero;
+            const __m128i start1 = Fmt::kOffset && pair ? _mm_add_epi32(load16(offset + 32), load16(offset + 36)) : zero;
+            const __m128i s0 = block_sums(start0, w0, qx);
+            const __m128i s1 = pair ? block_sums(start1, w1, qx + 4 * BLOCK) : zero;
             const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(s0), s1, 1);
             const __m256 scale = _mm256_permute_ps(_mm256_load_ps(scales[r][i]), J * 0x55);
             acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(both), scale, acc[r][i]);
@@ -455,11 +462,16 @@ inline void vnni512_pair(const Fmt& f, const QuantizedX& x, int64_t row, int64_t
                          const float (&scales)[R][M][8], __m512 (&acc)[R][M], int j = J, int left = 2, int64_t columns = 0) {
     const __m512i lanes = _mm512_setr_epi32(j, j, j, j, j, j, j, j, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1, j + 1);
     const __mmask64 x_mask = left >= 2 ? ~__mmask64{0} : (__mmask64{1} << BLOCK) - 1;
+    __m512i xs[M], starts[M];  // each activation row's blocks, and where its sums start: loaded once for R rows
+    for (int i = 0; i < M; ++i) {
+        const int8_t* qx = x.row_q(i0 + i) + (b0 + j) * BLOCK;
+        xs[i] = Whole ? _mm512_loadu_si512(qx) : _mm512_maskz_loadu_epi8(x_mask, qx);
+        starts[i] = Fmt::kOffset ? _mm512_loadu_si512(x.row_offset(i0 + i) + (b0 + j) * 8) : _mm512_setzero_si512();
+    }
     for (int r = 0; r < R; ++r) {
         const __m512i w = Whole ? f.block2(row + r, b0 + j) : f.last_blocks(row + r, b0 + j, columns);
         for (int i = 0; i < M; ++i) {
-            const int8_t* qx = x.row_q(i0 + i) + (b0 + j) * BLOCK;
-            const __m512i sums = Fmt::dot2(w, Whole ? _mm512_loadu_si512(qx) : _mm512_maskz_loadu_epi8(x_mask, qx));
+            const __m512i sums = _mm512_dpbusd_epi32(starts[i], w, xs[i]);
             const __m512 scale = _mm512_permutexvar_ps(lanes, _mm512_zextps256_ps512(_mm256_load_ps(scales[r][i])));
             acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r][i]);
         }
