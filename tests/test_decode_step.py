@@ -70,7 +70,7 @@ def test_weights_replaced_after_a_step_are_read_after_the_next_prefill(model_par
     torch.testing.assert_close(got, torch_step(reference, tokens[:, 6:7], torch.tensor([6])), atol=1e-5, rtol=1e-5)
 
 
-def test_a_position_outside_the_cache_is_named():
+def test_a_position_outside_the_cache_is_named(model_parallel):
     model = tiny_model()
     with pytest.raises(ValueError, match="outside the cache .*max_seq_len"):
         model.step(torch.tensor([[1]]), torch.tensor([32]))
