@@ -348,6 +348,12 @@ struct Q8 {
     }
     float min_term(int64_t, const QuantizedX&, int64_t) const { return 0.0f; }
     void scales8(int64_t row, int64_t b0, float* out) const {
+#if defined(__AVX__)
+        // One 256-bit store for qtile's one 256-bit load: after memcpy's copy that load stalled
+        // (store forwarding, as in qtile) on the haswell build: per-block int8 steps 1.19x slower
+        // than per-row ones, 1.04x with this.
+        if (per_group == 1) return _mm256_storeu_ps(out, _mm256_loadu_ps(s + row * groups + b0));
+#endif
         if (per_group == 1) std::memcpy(out, s + row * groups + b0, 8 * sizeof(float));
         else if (per_group) group_scales(s + row * groups, per_group, b0, out, [](float v) { return v; });
         else std::fill(out, out + 8, 1.0f);
