@@ -43,13 +43,18 @@ struct Product {
 };
 
 // acc[r][i] += weight row r's values at columns c + J.. times activation row i's, for J = 0, W,
-// .. < End: one weight vector loaded per M products.
+// .. < End: the M activation vectors loaded once for the R weight rows, and each weight vector
+// once for the M products. (Reloading activations per weight row, as memory operands of the
+// multiply-adds, made the loads the bound: batch-4 products ran at a quarter of batch 1's weight
+// bytes per second even from cache, on Zen 5.)
 template <class S, int R, int M, int J, int End>
 inline void step(const float* w, const float* x, int64_t k, int64_t c, typename S::V (&acc)[R][M]) {
     if constexpr (J < End) {
+        typename S::V xv[M];
+        for (int i = 0; i < M; ++i) xv[i] = S::load(x + i * k + c + J);
         for (int r = 0; r < R; ++r) {
             const typename S::V wv = S::load(w + r * k + c + J);
-            for (int i = 0; i < M; ++i) acc[r][i] = S::fma(wv, S::load(x + i * k + c + J), acc[r][i]);
+            for (int i = 0; i < M; ++i) acc[r][i] = S::fma(wv, xv[i], acc[r][i]);
         }
         step<S, R, M, J + S::W, End>(w, x, k, c, acc);
     }
@@ -83,7 +88,16 @@ void f32_tile(const Product& p, int64_t row, int64_t i0) {
 }
 
 struct F32Kernel {
-    static int rows_per_tile(int64_t m) { return m >= 4 ? 3 : 4; }  // at most 12 accumulators
+    static constexpr int kMaxRows = 6;
+    // R * M accumulators, M activation vectors and a weight vector in the registers.
+    static constexpr bool fits(int R, int M) { return R * M + M + 1 <= Simd::kRegisters; }
+    // The most weight rows that fit, except for one activation row: 4 (4 and 8 stream alike).
+    static int rows_per_tile(int64_t m) {
+        const int M = static_cast<int>(std::min<int64_t>(m, 4));
+        for (int R : {kMaxRows, 4, 3, 2})
+            if (fits(R, M) && (M > 1 || R <= 4)) return R;
+        return 1;
+    }
     static int64_t row_bytes(int64_t k) { return 4 * k; }
     Product p;
     template <int R, int M> void tile(int64_t row, int64_t i0) const { f32_tile<Simd, R, M>(p, row, i0); }
@@ -576,6 +590,8 @@ template <class Fmt>
 struct QKernel {
     // Weight rows per tile for m activation rows: a pair of blocks holds 4 vectors of weights, so
     // at most 8 accumulators.
+    static constexpr int kMaxRows = 4;
+    static constexpr bool fits(int R, int M) { return R * M <= 12; }
     static int rows_per_tile(int64_t m) { return m <= 2 ? Fmt::kRows : 2; }
     static int64_t row_bytes(int64_t k) { return Fmt::row_bytes(k); }
     Fmt f;
@@ -583,28 +599,37 @@ struct QKernel {
     template <int R, int M> void tile(int64_t row, int64_t i0) const { qtile<Fmt, R, M>(f, p, row, i0); }
 };
 
-// R weight rows against all m activation rows, 4 at a time. At most 12 accumulators: AVX2 has 16
-// vector registers, and the weight vector and an activation vector need two.
+// R weight rows against all m activation rows, 4 at a time. K::rows_per_tile(m) chose R so that
+// R weight rows fit beside min(m, 4) activation rows (K::fits), and so beside fewer.
 template <class K, int R>
 void tiles(const K& kernel, int64_t m, int64_t row) {
     int64_t i0 = 0;
-    if constexpr (R * 4 <= 12)
+    if constexpr (K::fits(R, 4))
         for (; i0 + 4 <= m; i0 += 4) kernel.template tile<R, 4>(row, i0);
-    for (; i0 + 3 <= m; i0 += 3) kernel.template tile<R, 3>(row, i0);
-    if (m - i0 == 2) kernel.template tile<R, 2>(row, i0);
+    if constexpr (K::fits(R, 3))
+        for (; i0 + 3 <= m; i0 += 3) kernel.template tile<R, 3>(row, i0);
+    if constexpr (K::fits(R, 2))
+        if (m - i0 == 2) kernel.template tile<R, 2>(row, i0);
     if (m - i0 == 1) kernel.template tile<R, 1>(row, i0);
+}
+
+// Weight rows [row, r1) in tiles of R, as many as fit; returns the first row left.
+template <class K, int R>
+int64_t tiled_rows(const K& kernel, int64_t m, int64_t row, int64_t r1) {
+    for (; row + R <= r1; row += R) tiles<K, R>(kernel, m, row);
+    return row;
 }
 
 // Weight rows [r0, r1) against all m activation rows: a block of a few weight rows stays in cache
 // while it meets each group of activation rows.
 template <class K>
 void rows(const K& kernel, int64_t m, int64_t r0, int64_t r1) {
-    const int block = K::rows_per_tile(m);
     int64_t row = r0;
-    for (; row + block <= r1; row += block) {
-        if (block == 4) tiles<K, 4>(kernel, m, row);
-        else if (block == 3) tiles<K, 3>(kernel, m, row);
-        else tiles<K, 2>(kernel, m, row);
+    switch (K::rows_per_tile(m)) {
+        case 6: if constexpr (K::kMaxRows >= 6) row = tiled_rows<K, 6>(kernel, m, row, r1); break;
+        case 4: row = tiled_rows<K, 4>(kernel, m, row, r1); break;
+        case 3: row = tiled_rows<K, 3>(kernel, m, row, r1); break;
+        case 2: row = tiled_rows<K, 2>(kernel, m, row, r1); break;
     }
     for (; row < r1; ++row) tiles<K, 1>(kernel, m, row);
 }
@@ -747,11 +772,12 @@ Pool& pool() {
 // threads call by call in turn: fp32 576x576 ties (0.033 vs 0.034 ms at m=1), 2 threads win by
 // 5-20% from 576x1536 up, with or without a busy process beside.
 constexpr int64_t kMinParallelWeights = 1 << 18;
-// Chunks of about this many bytes of weight: small enough that a descheduled worker holds up
-// little, large enough that the hardware prefetcher streams most of each. Chunks of 10 KB (int4
-// rows of 576 columns, 36 a chunk) ran a decode step's products 1.4x slower than 128 KB on a
-// 2-core EPYC (Zen 5), where two threads did no better than one.
-constexpr int64_t kChunkBytes = 128 << 10;
+// Chunks of about this many bytes of weight (a quarter of a thread's share at most): each thread
+// streams long runs, and the threads claim chunks rarely. On a 2-core EPYC (Zen 5), 2 MB chunks ran
+// 1- to 4-row products of 2048-column weights 1.1-1.4x faster than 128 KB ones (paired calls), and
+// chunks of 10 KB had run 1.4x slower than 128 KB. A descheduled worker holds up at most one chunk:
+// ~50 us of streaming at 2 MB, well below the scheduler's time slice that it waits for anyway.
+constexpr int64_t kChunkBytes = 2 << 20;
 
 // Products of one input with up to kMaxParts weights (a layer's q, k and v; w1 and w3), their
 // chunks handed out from one counter: one pool run, and no thread idles between the products.
@@ -783,7 +809,7 @@ void products(const K* kernels, int parts, int64_t m, int64_t k) {
     }
     Job<K> job{kernels, parts, m, {}, {}, {}};
     for (int p = 0; p < parts; ++p) {
-        // Multiples of 12 rows (tiles of 3 or 4); at least 4 chunks per thread where n allows.
+        // Multiples of 12 rows (tiles of 2, 3, 4 or 6); at least 4 chunks per thread where n allows.
         const int64_t n = kernels[p].p.n;
         int64_t chunk_rows = std::max<int64_t>(1, kChunkBytes / K::row_bytes(k));
         chunk_rows = std::min<int64_t>(chunk_rows, n / (4 * threads));

@@ -63,6 +63,7 @@ inline void prefetch(const void* p, int64_t bytes) {
 
 struct Scalar {
     static constexpr int W = 1;
+    static constexpr int kRegisters = 16;  // vector registers a kernel may plan its tiles for
     using V = float;
     static V zero() { return 0.0f; }
     static V load(const float* p) { return *p; }
@@ -90,6 +91,7 @@ inline float hsum(__m256 v) {
 #define LLK_ISA "avx512"
 struct Simd {
     static constexpr int W = 16;
+    static constexpr int kRegisters = 32;
     using V = __m512;
     static V zero() { return _mm512_setzero_ps(); }
     static V load(const float* p) { return _mm512_loadu_ps(p); }
@@ -107,6 +109,7 @@ struct Simd {
 #define LLK_ISA "avx2"
 struct Simd {
     static constexpr int W = 8;
+    static constexpr int kRegisters = 16;
     using V = __m256;
     static V zero() { return _mm256_setzero_ps(); }
     static V load(const float* p) { return _mm256_loadu_ps(p); }
