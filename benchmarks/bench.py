@@ -303,23 +303,24 @@ RIVAL_ROUNDS = 3
 
 
 def decode_rates(generate, plan: dict, batch_sizes=(1, 4), rival: Optional["LlamaCpp"] = None) -> Dict[str, float]:
-    """Decode tokens/s: max_gen_len tokens minus the prefill (timed alone) at each batch size.
-    Batch 1 is the best of RIVAL_ROUNDS rounds, with a rival taken in turns with its own (so that
-    every format's batch-1 row, the ratios between formats included, is a best of as many)."""
-    r: Dict[str, float] = {}
+    """Decode tokens/s: max_gen_len tokens minus the prefill (timed alone) at each batch size, the
+    best of RIVAL_ROUNDS rounds. Each round takes the batch sizes, and a rival's batch-1 round, in
+    turns: on a machine whose memory bandwidth drifts, a ratio between batch sizes (or with the
+    rival) then compares best with best of the same stretch of time."""
     new, p = plan["decode"], plan["decode_prompt"]
+    first: Dict[int, float] = {}
     for bsz in batch_sizes:
-        turns = rival is not None and bsz == 1
-        log(f"  decode batch {bsz}" + (", in turns with llama.cpp" if turns else ""))
         time_generate(generate, [p] * bsz, 2)  # sets up the kernels of this batch size's shapes
-        first = time_generate(generate, [p] * bsz, 1)
-        total = float("inf")
-        for _ in range(RIVAL_ROUNDS if bsz == 1 else 1):
-            total = min(total, time_generate(generate, [p] * bsz, new))
-            if turns:
-                rival.decode_round()
-        r[f"decode_b{bsz}"] = bsz * (new - 1) / max(total - first, 1e-9)
-    return r
+        first[bsz] = time_generate(generate, [p] * bsz, 1)
+    total = {bsz: float("inf") for bsz in batch_sizes}
+    for _ in range(RIVAL_ROUNDS):
+        for bsz in batch_sizes:
+            log(f"  decode batch {bsz}")
+            total[bsz] = min(total[bsz], time_generate(generate, [p] * bsz, new))
+        if rival is not None:
+            log("  decode batch 1, llama.cpp")
+            rival.decode_round()
+    return {f"decode_b{bsz}": bsz * (new - 1) / max(total[bsz] - first[bsz], 1e-9) for bsz in batch_sizes}
 
 
 def contended_decode_rates(generate, plan: dict) -> Dict[str, float]:

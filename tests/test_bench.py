@@ -109,13 +109,15 @@ def test_meta_to_gguf_writes_the_weights_our_gguf_reader_reads_back(llama3_ckpt,
         assert torch.equal(theirs[key], ours[key].float()), key
 
 
-def test_batch_one_decode_takes_turns_with_llama_cpp():
+def test_decode_rounds_take_batch_sizes_and_llama_cpp_in_turns():
     calls = []
 
     class Rival:
         def decode_round(self):
             calls.append("llama.cpp")
 
-    bench.decode_rates(lambda prompts, n: calls.append(n), {"decode": 4, "decode_prompt": 2}, batch_sizes=(1,), rival=Rival())
-    timed_rounds = [c for c in calls if c in (4, "llama.cpp")]  # not the warm-up and prefill generations
-    assert timed_rounds == [4, "llama.cpp"] * bench.RIVAL_ROUNDS
+    rates = bench.decode_rates(lambda prompts, n: calls.append((len(prompts), n)), {"decode": 4, "decode_prompt": 2},
+                               rival=Rival())
+    timed_rounds = [c for c in calls if c == "llama.cpp" or c[1] == 4]  # not the warm-up and prefill generations
+    assert timed_rounds == [(1, 4), (4, 4), "llama.cpp"] * bench.RIVAL_ROUNDS
+    assert set(rates) == {"decode_b1", "decode_b4"}
