@@ -14,9 +14,10 @@ from llama.kernels import build, decode
 from llama.layers.linear import pack_weight
 
 ROWS = (1, 2, 3, 4, 7, 16)
-# SmolLM2's shapes (its 49152-row output layer shrunk), odd sizes off the SIMD width, a tall one.
-SHAPES_F32 = [(576, 576), (1536, 576), (576, 1536), (37, 19), (5, 1), (3001, 64)]
-SHAPES_32 = [(576, 576), (1536, 576), (576, 1536), (37, 96), (3001, 64)]  # k a multiple of 32
+# SmolLM2's shapes (its 49152-row output layer shrunk), odd sizes off the SIMD width, a tall one,
+# and one split between threads whose last chunk ends in rows short of a whole tile.
+SHAPES_F32 = [(576, 576), (1536, 576), (576, 1536), (37, 19), (5, 1), (3001, 64), (1001, 576)]
+SHAPES_32 = [(576, 576), (1536, 576), (576, 1536), (37, 96), (3001, 64), (1001, 576)]  # k a multiple of 32
 
 
 @pytest.fixture(scope="module")
