@@ -73,6 +73,14 @@ def test_llama_cpp_figures_get_their_own_columns(quick_run):
     assert [c.strip() for c in cells["decode batch 4"]] == ["", ""]
 
 
+def test_a_compact_formats_decode_ceiling_streams_its_bytes_at_least_as_fast_as_the_compute_dtypes(quick_run):
+    _, result = quick_run
+    compute_rate = result["decode_ceiling_tok_s"] * result["streamed_params"] * 4  # fp32 bytes a second
+    for weight_format in ("bf16", "int8"):
+        ceiling = result["weight_formats"][weight_format]["decode_ceiling_tok_s"]
+        assert ceiling * result["streamed_params"] * bench.FORMAT_BYTES[weight_format] >= 0.999 * compute_rate, weight_format
+
+
 def test_decode_ceiling_streams_a_decode_steps_bytes_not_one_cached_matrix():
     made, read = [], []
 
