@@ -233,11 +233,11 @@ inline __m128i block_sums(__m128i start, const Block128& w, const int8_t* x) {
 // sums start from QuantizedX::offset: int8), `scale` of a block (multiplies dx), `min_term` (sum
 // of m * sx over a row; 4-bit only) and `row_scale` (multiplies the row's output; per-row int8 only).
 
-// out[j] = convert(scales[(b0 + j) / per_group]) for j < 8, with one division.
+// out[j] = convert(scales[(b0 + j) / per_group]) for j < n, with one division.
 template <class T, class Convert>
-inline void group_scales(const T* scales, int64_t per_group, int64_t b0, float* out, Convert convert) {
+inline void group_scales(const T* scales, int64_t per_group, int64_t b0, int n, float* out, Convert convert) {
     int64_t g = b0 / per_group, left = per_group - b0 % per_group;
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < n; ++j) {
         out[j] = convert(scales[g]);
         if (--left == 0) ++g, left = per_group;
     }
@@ -246,15 +246,11 @@ inline void group_scales(const T* scales, int64_t per_group, int64_t b0, float* 
 #if defined(LLK_VNNI512)
 inline __mmask16 lanes16(int n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 
-// convert(scales[(b0 + j) / per_group]) for j < n (at most 16) as one vector, zeros after.
+// group_scales for n <= 16 blocks as one vector, zeros after.
 template <class T, class Convert>
 inline __m512 group_values16(const T* scales, int64_t per_group, int64_t b0, int n, Convert convert) {
     alignas(64) float out[16] = {};
-    int64_t g = b0 / per_group, left = per_group - b0 % per_group;
-    for (int j = 0; j < n; ++j) {
-        out[j] = convert(scales[g]);
-        if (--left == 0) ++g, left = per_group;
-    }
+    group_scales(scales, per_group, b0, n, out, convert);
     return _mm512_load_ps(out);
 }
 #endif
@@ -323,7 +319,7 @@ struct Q4 {
             return;
         }
 #endif
-        group_scales(d + row * groups, per_group, b0, out, half_to_float);
+        group_scales(d + row * groups, per_group, b0, 8, out, half_to_float);
     }
 #if defined(LLK_INT_SIMD)
     Block128 block(int64_t row, int64_t b) const {
@@ -410,7 +406,7 @@ struct Q8 {
         if (per_group == 1) return _mm256_storeu_ps(out, _mm256_loadu_ps(s + row * groups + b0));
 #endif
         if (per_group == 1) std::memcpy(out, s + row * groups + b0, 8 * sizeof(float));
-        else if (per_group) group_scales(s + row * groups, per_group, b0, out, [](float v) { return v; });
+        else if (per_group) group_scales(s + row * groups, per_group, b0, 8, out, [](float v) { return v; });
         else std::fill(out, out + 8, 1.0f);
     }
 #if defined(LLK_INT_SIMD)
